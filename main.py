@@ -1,0 +1,17 @@
+"""srlm: Self-Rewarding Language Models on PyTorch Lightning.
+
+    python main.py fit --config configs/m1_sft.yaml     # M1: SFT on IFT+EFT seed data
+    python main.py fit --config configs/m2_dpo.yaml     # one DPO round on preference pairs
+    python main.py loop                                 # the whole self-rewarding loop
+    python main.py prepare-oasst --input F --output_dir D
+
+Every subcommand takes --help and --print_config.
+"""
+
+import logging
+
+from srlm.cli import main
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()

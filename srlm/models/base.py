@@ -1,0 +1,75 @@
+"""What the SFT and DPO modules share: the backbone, adapter-only checkpoints and the peft export."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+from srlm.models import optim
+from srlm.models.backbone import BackboneConfig, load_tokenizer, load_trainable, write_lineage
+
+log = logging.getLogger(__name__)
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class AdapterModule(L.LightningModule):
+    """A backbone with a trainable adapter. Checkpoints hold the trainable weights only."""
+
+    def __init__(self, backbone: BackboneConfig, optimizer: optim.OptimConfig, export_dir: Optional[str],
+                 sparse_lm_head: bool):
+        super().__init__()
+        self.backbone_config, self.optim_config = backbone, optimizer
+        self.export_dir, self.sparse_lm_head = export_dir, sparse_lm_head
+        self.tokenizer = load_tokenizer(backbone.model_name_or_path, backbone.trust_remote_code)
+        self.model, self.merged_adapters = load_trainable(backbone)
+        # Frozen base weights come from the model files, not the checkpoint.
+        self.strict_loading = False
+        self.exported_to: Optional[Path] = None
+
+    def configure_optimizers(self):
+        return optim.configure(self, self.optim_config)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # Plain data only, so that checkpoints load with torch.load(weights_only=True).
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = _plain(dict(checkpoint["hyper_parameters"]))
+
+    def on_fit_end(self) -> None:
+        self.export()
+
+    def export_path(self) -> Path:
+        if self.export_dir:
+            return Path(self.export_dir)
+        root = self.trainer.log_dir or self.trainer.default_root_dir
+        return Path(root) / "adapter"
+
+    @rank_zero_only
+    def export(self, path: Optional[str] = None) -> Path:
+        """Write the adapter in peft's own format (or the full model without LoRA), the tokenizer and the lineage."""
+        target = Path(path) if path else self.export_path()
+        target.mkdir(parents=True, exist_ok=True)
+        if self.backbone_config.lora:
+            self.model.save_pretrained(target, selected_adapters=["default"])
+        else:
+            self.model.save_pretrained(target)
+        self.tokenizer.save_pretrained(target)
+        write_lineage(target, self.merged_adapters, self.backbone_config)
+        self.exported_to = target
+        log.info("exported model to %s", target)
+        return target
