@@ -1,0 +1,142 @@
+"""DPO round (M_t -> M_{t+1}): a fresh LoRA adapter on M_t, with M_t itself as the frozen reference.
+
+Where the reference comes from:
+- M_t given as an srlm adapter (``backbone.adapter_path``) on a full-precision base: that adapter (and
+  its lineage) is *merged* into the base weights and a fresh adapter is added, so the network with
+  its adapter disabled is exactly M_t.
+- A 4-bit base, where merging is lossy: the previous adapter is loaded frozen beside the new one as
+  the ``reference`` adapter, and the reference pass runs with it alone.
+- No adapter_path: the base model (M0) is the reference.
+
+Reference log-probs are computed once for the whole preference set before training (one no-grad
+pass, kept with the data; ``precompute_reference``), so a training step runs one forward; the
+on-the-fly path (reference pass every step) stays available. Pairs that already carry
+``ref_chosen_logp``/``ref_rejected_logp`` (harvested while sampling from M_t) need no pass at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+
+from srlm.models.backbone import BackboneConfig
+from srlm.models.base import AdapterModule
+from srlm.models.dpo_loss import LOSS_TYPES, dpo_loss
+from srlm.models.logprobs import response_logps
+from srlm.models.optim import OptimConfig
+
+log = logging.getLogger(__name__)
+
+
+class DPOModule(AdapterModule):
+    """Direct Preference Optimisation with a hand-written loss against the adapter-disabled reference.
+
+    Args:
+        backbone: the model; ``adapter_path`` names M_t's adapter (merged, then a fresh adapter is trained).
+        optimizer: AdamW and learning-rate schedule over the trainable parameters.
+        beta: DPO temperature (paper: 0.1).
+        loss_type: sigmoid (DPO), robust, hinge or ipo.
+        label_smoothing: eps for the robust loss, in [0, 0.5).
+        precompute_reference: compute reference log-probs once before training instead of every step.
+        export_dir: where the peft adapter is written at the end of fit (default: the logger's folder/adapter).
+        sparse_lm_head: apply the LM head only at response positions (same log-probs, less work).
+    """
+
+    def __init__(self, backbone: BackboneConfig = BackboneConfig(), optimizer: OptimConfig = OptimConfig(lr=5e-5),
+                 beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 precompute_reference: bool = True, export_dir: Optional[str] = None, sparse_lm_head: bool = True):
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type '{loss_type}': expected one of {', '.join(LOSS_TYPES)}")
+        super().__init__(backbone, optimizer, export_dir, sparse_lm_head)
+        self.save_hyperparameters()
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.precompute_reference = precompute_reference
+
+    # -- reference -------------------------------------------------------------------------------
+    @contextmanager
+    def _reference_mode(self):
+        """The network as M_t: adapter off (or the frozen reference adapter), eval mode, no grad.
+
+        Eval mode also turns off dropout and gradient checkpointing for this pass.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        use_ref_adapter = "reference" in getattr(self.model, "peft_config", {})
+        try:
+            with torch.no_grad():
+                if use_ref_adapter:
+                    self.model.base_model.set_adapter("reference")
+                    try:
+                        yield
+                    finally:
+                        self.model.base_model.set_adapter("default")
+                elif self.backbone_config.lora:
+                    with self.model.disable_adapter():
+                        yield
+                elif self.trainer is not None and self.trainer.global_step == 0:
+                    yield  # full fine-tuning, before the first update: the network is still M_t
+                else:
+                    raise RuntimeError("full fine-tuning has no adapter to disable: the reference must be precomputed "
+                                       "before training starts (precompute_reference: true, no mid-round resume)")
+        finally:
+            self.model.train(was_training)
+
+    def reference_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._reference_mode():
+            sums, _ = response_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                     self.sparse_lm_head)
+        half = sums.shape[0] // 2
+        return sums[:half], sums[half:]
+
+    def on_fit_start(self) -> None:
+        if not self.precompute_reference and self.backbone_config.lora:
+            return
+        dm = self.trainer.datamodule
+        for dataset in (dm.train_dataset, dm.val_dataset):
+            if dataset is None or dataset.has_reference:
+                continue
+            loader = torch.utils.data.DataLoader(dataset, batch_size=dm.eval_batch_size, collate_fn=dm.collate)
+            log.info("precomputing reference log-probs for %d pairs", len(dataset))
+            for batch in loader:
+                batch = self.trainer.strategy.batch_to_device(batch)
+                chosen, rejected = self.reference_logps(batch)
+                for i, c, r in zip(batch["index"].tolist(), chosen.tolist(), rejected.tolist()):
+                    dataset.set_reference(i, c, r)
+
+    # -- steps -----------------------------------------------------------------------------------
+    def _step(self, batch, stage: str):
+        sums, counts = response_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                      self.sparse_lm_head)
+        half = sums.shape[0] // 2
+        if "ref_chosen_logp" in batch:
+            ref_c, ref_r = batch["ref_chosen_logp"].to(sums.dtype), batch["ref_rejected_logp"].to(sums.dtype)
+        else:
+            ref_c, ref_r = self.reference_logps(batch)
+        losses, rew_c, rew_r = dpo_loss(sums[:half], sums[half:], ref_c, ref_r, self.beta, self.loss_type,
+                                        self.label_smoothing, counts[:half], counts[half:])
+        loss = losses.mean()
+        prefix = "" if stage == "train" else "val/"
+        sync = stage != "train"
+        metrics = {
+            "rewards/chosen": rew_c.mean(),
+            "rewards/rejected": rew_r.mean(),
+            "rewards/accuracies": (rew_c > rew_r).float().mean(),
+            "rewards/margins": (rew_c - rew_r).mean(),
+            "logps/chosen": sums[:half].detach().mean(),
+            "logps/rejected": sums[half:].detach().mean(),
+        }
+        self.log_dict({prefix + k: v for k, v in metrics.items()}, batch_size=half, sync_dist=sync,
+                      prog_bar=False)
+        self.log(prefix + "loss", loss, batch_size=half, prog_bar=True, sync_dist=sync)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        loss = self._step(batch, "train")
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=1)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
