@@ -42,6 +42,10 @@ def lightning_main(args=None) -> None:
 # Commands that are not Trainer methods: name -> "module:function" (run through jsonargparse).
 EXTRA_COMMANDS = {
     "prepare-oasst": "srlm.data.oasst:convert_oasst",
+    "generate-prompts": "srlm.selfreward.commands:generate_prompts",
+    "generate-candidates": "srlm.selfreward.commands:generate_candidates",
+    "judge": "srlm.selfreward.commands:judge",
+    "make-pairs": "srlm.selfreward.commands:make_pairs",
 }
 
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any
+from typing import Any, Optional
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
+
+from srlm.data.datamodule import SFTDataModule
+from srlm.models.sft import SFTModule
+from srlm.selfreward.config import DPORoundConfig, SelfRewardConfig
 
 
 def default_loggers(root: str) -> list:
@@ -38,3 +42,24 @@ class SRLMTrainer(Trainer):
         if "logger" not in overrides and not isinstance(self.init_kwargs.get("logger", True), bool):
             kwargs["logger"] = True  # loggers hold their folder; new phase, new loggers
         return type(self)(**kwargs)
+
+    def loop(self, model: SFTModule, datamodule: Optional[SFTDataModule] = None, run_dir: str = "runs/loop",
+             iterations: int = 2, m1_adapter: Optional[str] = None, self_reward: Optional[SelfRewardConfig] = None,
+             dpo: Optional[DPORoundConfig] = None, checkpoint_every: int = 10, force: bool = False) -> dict:
+        """Run the self-rewarding loop: M1 by SFT, then T iterations of self-instruction creation and DPO.
+
+        Args:
+            model: the SFT module for M1 (its backbone is the base model of every round).
+            datamodule: the IFT + EFT data for M1.
+            run_dir: the run's folder; rerunning the same command on it resumes.
+            iterations: number of self-rewarding iterations T (M1 -> M_{T+1}).
+            m1_adapter: an existing M1 adapter folder; skips the SFT phase.
+            self_reward: prompt generation, candidates, judging and pair settings.
+            dpo: DPO round settings.
+            checkpoint_every: save a resumable checkpoint every this many training steps.
+            force: continue a run folder whose saved config differs from this one.
+        """
+        from srlm.selfreward.loop import run_loop
+
+        return run_loop(self, model, datamodule or SFTDataModule(), run_dir, iterations, m1_adapter,
+                        self_reward or SelfRewardConfig(), dpo or DPORoundConfig(), checkpoint_every, force)

@@ -50,7 +50,9 @@ class AdapterModule(L.LightningModule):
         if "hyper_parameters" in checkpoint:
             checkpoint["hyper_parameters"] = _plain(dict(checkpoint["hyper_parameters"]))
 
-    def on_fit_end(self) -> None:
+    def on_train_end(self) -> None:
+        # on_train_end (not on_fit_end): callbacks' on_fit_end run before the module's, and the
+        # self-rewarding callback needs the exported model.
         self.export()
 
     def export_path(self) -> Path:

@@ -1,0 +1,125 @@
+"""Each self-instruction step alone, on given files (the loop runs the same functions):
+
+    python main.py generate-prompts --output prompts.jsonl --num_prompts 32
+    python main.py generate-candidates --prompts prompts.jsonl --output candidates.jsonl --adapter runs/loop/m1/model
+    python main.py judge --candidates candidates.jsonl --output judgements.jsonl --mode logit
+    python main.py make-pairs --candidates candidates.jsonl --judgements judgements.jsonl --output pairs.jsonl
+
+Every command resumes: rerun it after a kill and it appends only what is missing.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from srlm.data.datamodule import load_sft_file, resolve_path
+from srlm.data.records import read_jsonl
+from srlm.models.backbone import DEFAULT_MODEL, load_for_inference, load_tokenizer
+from srlm.prompts import load_template
+from srlm.selfreward import steps
+from srlm.selfreward.engine import Engine, Sampling
+from srlm.selfreward.judge import make_judge
+
+
+def _engine(model: str, adapter: Optional[str], batch_size: int, seed: int, dtype: str = "auto"):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = load_for_inference(model, adapter, dtype).to(device)
+    tokenizer = load_tokenizer(model)
+    return Engine(net, [tokenizer.eos_token_id], tokenizer.pad_token_id, batch_size=batch_size, seed=seed), tokenizer
+
+
+def generate_prompts(output: str, num_prompts: int = 32, model: str = DEFAULT_MODEL, adapter: Optional[str] = None,
+                     seed_prompts_file: str = "seed:ift.jsonl", few_shot: int = 8, template: str = "self_instruct",
+                     temperature: float = 0.6, top_p: float = 0.9, max_new_tokens: int = 96, batch_size: int = 16,
+                     seed: int = 0) -> dict:
+    """Write new prompts by few-shot prompting.
+
+    Args:
+        output: prompts jsonl to write (appended to on resume).
+        num_prompts: how many new prompts to keep.
+        model: base model (hub id, folder, or embedded:...).
+        adapter: an srlm adapter folder on top of the base.
+        seed_prompts_file: jsonl with "prompt" fields shown as examples.
+        few_shot: examples per request.
+        template: prompt-generation template (name or path).
+        temperature: sampling temperature.
+        top_p: nucleus mass.
+        max_new_tokens: longest new prompt in tokens.
+        batch_size: requests per generate call.
+        seed: seed.
+    """
+    engine, tok = _engine(model, adapter, batch_size, seed)
+    seeds = [ex.prompt for ex in load_sft_file(seed_prompts_file)]
+    stats = steps.generate_prompts(engine, tok, seeds, load_template(template, "examples"), resolve_path(output),
+                                   target=num_prompts, few_shot=few_shot, seed=seed,
+                                   sampling=Sampling(temperature, top_p, max_new_tokens), requests_per_batch=batch_size)
+    print(stats)
+    return stats
+
+
+def generate_candidates(prompts: str, output: str, model: str = DEFAULT_MODEL, adapter: Optional[str] = None,
+                        n: int = 4, temperature: float = 0.7, top_p: float = 0.9, max_new_tokens: int = 256,
+                        batch_size: int = 8, seed: int = 0) -> dict:
+    """Sample N responses per prompt.
+
+    Args:
+        prompts: jsonl of {"id", "prompt"}.
+        output: candidates jsonl to write (appended to on resume).
+        model: base model.
+        adapter: an srlm adapter folder (M_t).
+        n: responses per prompt.
+        temperature: sampling temperature.
+        top_p: nucleus mass.
+        max_new_tokens: longest response in tokens.
+        batch_size: prompts per generate call.
+        seed: seed.
+    """
+    engine, tok = _engine(model, adapter, batch_size, seed)
+    stats = steps.generate_candidates(engine, tok, read_jsonl(resolve_path(prompts)), resolve_path(output), n=n,
+                                      sampling=Sampling(temperature, top_p, max_new_tokens))
+    print(stats)
+    return stats
+
+
+def judge(candidates: str, output: str, model: str = DEFAULT_MODEL, adapter: Optional[str] = None,
+          mode: str = "generative", samples: int = 3, template: str = "judge_additive", temperature: float = 0.7,
+          top_p: float = 0.9, max_new_tokens: int = 128, batch_size: int = 8, seed: int = 0) -> dict:
+    """Score every candidate with the judge template.
+
+    Args:
+        candidates: jsonl of {"id", "prompt_id", "prompt", "response"}.
+        output: judgements jsonl to write (appended to on resume).
+        model: base model.
+        adapter: an srlm adapter folder (M_t).
+        mode: generative or logit.
+        samples: judge samples per candidate (generative).
+        template: judge template (name or path).
+        temperature: sampling temperature (generative).
+        top_p: nucleus mass (generative).
+        max_new_tokens: longest judgement (generative).
+        batch_size: judge prompts per forward.
+        seed: seed.
+    """
+    engine, tok = _engine(model, adapter, batch_size, seed)
+    j = make_judge(mode, engine, tok, load_template(template, "question", "response"), samples,
+                   Sampling(temperature, top_p, max_new_tokens))
+    stats = steps.judge_candidates(j, read_jsonl(resolve_path(candidates)), resolve_path(output))
+    print(stats)
+    return stats
+
+
+def make_pairs(candidates: str, judgements: str, output: str, min_margin: float = 0.0) -> dict:
+    """Pair the best against the worst candidate of each prompt.
+
+    Args:
+        candidates: candidates jsonl.
+        judgements: judgements jsonl.
+        output: pairs jsonl to write (atomically).
+        min_margin: best - worst must exceed this; equal scores are always dropped.
+    """
+    stats = steps.make_pairs(read_jsonl(resolve_path(candidates)), read_jsonl(resolve_path(judgements)),
+                             resolve_path(output), min_margin=min_margin)
+    print(stats)
+    return stats

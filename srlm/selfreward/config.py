@@ -1,0 +1,78 @@
+"""Settings of the self-rewarding loop: self-instruction creation and the DPO rounds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from srlm.models.optim import OptimConfig
+from srlm.selfreward.engine import Sampling
+
+
+@dataclass
+class SelfRewardConfig:
+    """Self-instruction creation with M_t: new prompts, N candidates, self-judging, pairs."""
+
+    num_prompts: int = 32
+    """New prompts to create per iteration (the paper: thousands)."""
+    max_requests: Optional[int] = None
+    """Few-shot requests to try at most (default 4 x num_prompts)."""
+    few_shot: int = 8
+    """Seed prompts shown per request (paper: 8)."""
+    seed_prompts_file: str = "seed:ift.jsonl"
+    """Where the few-shot examples come from (the IFT seed's prompts)."""
+    prompt_template: str = "self_instruct"
+    """Few-shot prompt-generation template (bundled name or path; placeholder {examples})."""
+    prompt_model: str = "base"
+    """Which model writes new prompts: ``base`` (the fixed base model, as the paper used a fixed model), ``current`` (M_t)."""
+    prompt_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.6, top_p=0.9, max_new_tokens=96))
+    """Sampling for prompt generation (paper: T=0.6, p=0.9)."""
+    num_candidates: int = 4
+    """Responses per prompt (paper: N=4)."""
+    candidate_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_new_tokens=192))
+    """Sampling for candidates (paper: T=0.7, p=0.9)."""
+    judge_mode: str = "generative"
+    """``generative`` (sample, parse ``Score: N``, average) or ``logit`` (expected score from the digit probabilities)."""
+    judge_samples: int = 3
+    """Judge samples per candidate in generative mode, averaged (paper: 3)."""
+    judge_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_new_tokens=128))
+    """Sampling for generative judging."""
+    judge_template: str = "judge_additive"
+    """Judge prompt template (bundled name or path; placeholders {question} and {response})."""
+    min_margin: float = 0.0
+    """A pair needs best - worst > min_margin; equal scores are always dropped."""
+    positive_only: bool = False
+    """The paper's 'positive examples only' variant: add top-scoring responses to SFT data instead of DPO."""
+    positive_min_score: float = 4.5
+    """Score a response needs to count as a positive example."""
+    batch_size: int = 8
+    """Prompts per generate call (each with its N samples)."""
+    seed: int = 0
+    """Seed for few-shot sampling and generation."""
+
+
+@dataclass
+class DPORoundConfig:
+    """How each DPO round trains (M_t -> M_{t+1})."""
+
+    beta: float = 0.1
+    """DPO temperature (paper: 0.1)."""
+    loss_type: str = "sigmoid"
+    """sigmoid | robust | hinge | ipo."""
+    label_smoothing: float = 0.0
+    """eps for the robust loss."""
+    optimizer: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_ratio=0.1, schedule="linear",
+                                                                      min_lr_ratio=0.1))
+    """Optimiser; the paper decays 1e-6 -> 1e-7 for full fine-tuning."""
+    batch_size: int = 2
+    """Pairs per step."""
+    max_length: int = 512
+    """Longest prompt + response in tokens."""
+    max_prompt_length: int = 256
+    """Prompt tokens kept at least when a pair is cut."""
+    max_epochs: int = 1
+    """Epochs over the pairs."""
+    max_steps: int = -1
+    """Stop after this many steps (-1: no limit)."""
+    precompute_reference: bool = True
+    """Reference log-probs in one pass before training (harvested ones need none)."""

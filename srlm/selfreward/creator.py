@@ -1,0 +1,130 @@
+"""Self-instruction creation for one iteration, and the Callback that runs it between fits.
+
+``InstructionCreator.run(model_dir)`` takes M_t (an exported srlm model folder) and writes the
+iteration's prompts, candidates, judgements and pairs (the next AIFT set), skipping phases the
+manifest marks done and resuming a phase cut short. ``SelfRewardCallback`` runs it at the end of
+the fit that produced M_t; the loop calls it directly when that fit had already finished.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+
+from srlm.data.datamodule import load_sft_file
+from srlm.data.records import write_json, write_jsonl
+from srlm.models.backbone import BackboneConfig, load_for_inference, load_tokenizer
+from srlm.prompts import load_template
+from srlm.selfreward import steps
+from srlm.selfreward.config import SelfRewardConfig
+from srlm.selfreward.engine import Engine
+from srlm.selfreward.judge import make_judge
+from srlm.selfreward.pairs import positive_examples
+from srlm.selfreward.rundir import RunDir
+
+log = logging.getLogger(__name__)
+PHASES = ("prompts", "candidates", "judgements", "pairs")
+
+
+def score_histogram(judgements: list[dict]) -> dict[str, int]:
+    bins = Counter(int(j["score"] + 0.5) for j in judgements if j.get("score") is not None)
+    out = {str(b): bins.get(b, 0) for b in range(6)}
+    out["none"] = sum(j.get("score") is None for j in judgements)
+    return out
+
+
+class InstructionCreator:
+    def __init__(self, config: SelfRewardConfig, run: RunDir, iteration: int, backbone: BackboneConfig,
+                 device: Optional[torch.device] = None, show_progress: bool = True):
+        self.config, self.run_dir, self.t, self.backbone = config, run, iteration, backbone
+        self.dir = run.iter_dir(iteration)
+        self.device = device or torch.device("cpu")
+        self.show_progress = show_progress
+        self.summary: dict[str, dict] = {}
+
+    def phase(self, name: str) -> str:
+        return f"iter_{self.t}/{name}"
+
+    def complete(self) -> bool:
+        return all(self.run_dir.done(self.phase(p)) for p in PHASES)
+
+    def _engine(self, model_dir: Optional[str]) -> tuple[Engine, object]:
+        model = load_for_inference(self.backbone.model_name_or_path, model_dir, self.backbone.dtype,
+                                   self.backbone.trust_remote_code).to(self.device)
+        tokenizer = load_tokenizer(self.backbone.model_name_or_path, self.backbone.trust_remote_code)
+        eos = {tokenizer.eos_token_id}
+        engine = Engine(model, eos, tokenizer.pad_token_id, batch_size=self.config.batch_size,
+                        seed=self.config.seed + 1000 * self.t)
+        return engine, tokenizer
+
+    def _log(self, name: str, stats: dict) -> None:
+        self.summary[name] = stats
+        log.info("iter %d %s: %s", self.t, name, ", ".join(f"{k}={v}" for k, v in stats.items()))
+
+    def run(self, model_dir: str | Path) -> dict:
+        """Write this iteration's AIFT data with M_t from ``model_dir``; returns the per-phase summaries."""
+        c, model_dir = self.config, str(model_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        files = {p: self.dir / f"{p}.jsonl" for p in PHASES}
+        current = None
+        if not self.run_dir.done(self.phase("prompts")):
+            seed_prompts = [ex.prompt for ex in load_sft_file(c.seed_prompts_file)]
+            engine, tok = self._engine(None if c.prompt_model == "base" else model_dir)
+            if c.prompt_model != "base":
+                current = (engine, tok)
+            stats = steps.generate_prompts(engine, tok, seed_prompts, load_template(c.prompt_template, "examples"),
+                                           files["prompts"], target=c.num_prompts, max_requests=c.max_requests,
+                                           few_shot=c.few_shot, sampling=c.prompt_sampling, seed=c.seed + self.t,
+                                           id_prefix=f"t{self.t}-p", show_progress=self.show_progress)
+            self._log("prompts", stats)
+            self.run_dir.mark_done(self.phase("prompts"), stats, [files["prompts"]])
+        prompts = steps.existing(files["prompts"])
+        if not self.run_dir.done(self.phase("candidates")):
+            current = current or self._engine(model_dir)
+            stats = steps.generate_candidates(*current, prompts, files["candidates"], n=c.num_candidates,
+                                              sampling=c.candidate_sampling, show_progress=self.show_progress)
+            self._log("candidates", stats)
+            self.run_dir.mark_done(self.phase("candidates"), stats, [files["candidates"]])
+        candidates = steps.existing(files["candidates"])
+        if not self.run_dir.done(self.phase("judgements")):
+            engine, tok = current = current or self._engine(model_dir)
+            judge = make_judge(c.judge_mode, engine, tok, load_template(c.judge_template, "question", "response"),
+                               c.judge_samples, c.judge_sampling)
+            stats = steps.judge_candidates(judge, candidates, files["judgements"], show_progress=self.show_progress)
+            stats["histogram"] = score_histogram(steps.existing(files["judgements"]))
+            self._log("judgements", stats)
+            self.run_dir.mark_done(self.phase("judgements"), stats, [files["judgements"]])
+        judgements = steps.existing(files["judgements"])
+        if not self.run_dir.done(self.phase("pairs")):
+            stats = steps.make_pairs(candidates, judgements, files["pairs"], min_margin=c.min_margin)
+            written = [files["pairs"]]
+            if c.positive_only:
+                scores = {j["id"]: j["score"] for j in judgements}
+                positives = positive_examples([{**cand, "candidate_id": cand["id"], "score": scores.get(cand["id"])}
+                                               for cand in candidates], min_score=c.positive_min_score)
+                stats["positive_examples"] = write_jsonl(self.dir / "positives.jsonl", positives)
+                written.append(self.dir / "positives.jsonl")
+            self._log("pairs", stats)
+            self.run_dir.mark_done(self.phase("pairs"), stats, written)
+        summary = {p: self.run_dir.info(self.phase(p)).get("counts", {}) for p in PHASES}
+        write_json(self.dir / "metrics.json", {"iteration": self.t, "model": model_dir, **summary})
+        return summary
+
+
+class SelfRewardCallback(L.Callback):
+    """Runs self-instruction creation with the freshly trained model at the end of its fit."""
+
+    def __init__(self, creator: InstructionCreator):
+        self.creator = creator
+        self.summary: Optional[dict] = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model_dir = pl_module.exported_to or pl_module.export_path()
+        self.creator.device = pl_module.device
+        self.creator.show_progress = trainer.is_global_zero
+        self.summary = self.creator.run(model_dir)

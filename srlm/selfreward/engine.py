@@ -1,0 +1,203 @@
+"""Batched sampling with a KV cache: the engine behind prompt generation, candidates and judging.
+
+What makes it fast (public replications sampled one sequence at a time):
+- many prompts per call, sorted by length and left-padded, so a batch carries little padding;
+- each prompt's prefill runs once and its key/values are repeated for its N samples;
+- the token prefix shared by every prompt of a call (the judge rubric, the few-shot header, the
+  chat template's system turn) is computed once and reused by every batch of that call;
+- rows that reached end-of-turn leave the batch, so the cost follows the live sequences.
+
+Each sample also carries the log-probability of its tokens under the model's *unprocessed* logits
+(before temperature and top-p): when the sampling model is the DPO reference (M_t), these are the
+reference log-probs of the candidate, and the DPO round needs no reference pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from srlm.data.batching import pad
+
+
+@dataclass
+class Sampling:
+    """How to sample."""
+
+    temperature: float = 0.7
+    """Softmax temperature; 0 means greedy."""
+    top_p: float = 0.9
+    """Nucleus sampling mass."""
+    max_new_tokens: int = 256
+    """Longest continuation in tokens."""
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]
+    """Generated tokens, the end-of-turn token included when ``finished``."""
+    logp: float
+    """Sum of log p(token) under the unprocessed logits over ``token_ids``."""
+    finished: bool
+    """Ended with the end-of-turn token (False: cut at max_new_tokens)."""
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+def _top_p_sample(logits: torch.Tensor, cfg: Sampling, generator: torch.Generator) -> torch.Tensor:
+    if cfg.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / cfg.temperature, -1)
+    if cfg.top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > cfg.top_p  # keep the smallest set reaching top_p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        choice = torch.multinomial(sorted_p, 1, generator=generator)
+        return order.gather(-1, choice)[:, 0]
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+class Engine:
+    """Sampling and scoring over a causal LM in eval mode.
+
+    Args:
+        model: a Hugging Face causal LM (adapters merged for speed).
+        eos_ids: tokens that end a turn.
+        pad_id: padding token.
+        batch_size: prompts per forward; with N samples each, a batch has batch_size * N rows.
+        share_prefix: compute the token prefix common to all prompts of a call once.
+        min_prefix: shortest common prefix worth caching.
+        seed: seed of the sampling generator.
+    """
+
+    def __init__(self, model, eos_ids: Sequence[int], pad_id: int, batch_size: int = 8, share_prefix: bool = True,
+                 min_prefix: int = 16, seed: int = 0):
+        self.model, self.eos_ids, self.pad_id = model, set(int(i) for i in eos_ids), pad_id
+        self.batch_size, self.share_prefix, self.min_prefix, self.seed = batch_size, share_prefix, min_prefix, seed
+        self.device = next(model.parameters()).device
+        self.stats = {"prefill_tokens": 0, "prefix_tokens_reused": 0, "decode_steps": 0, "generated_tokens": 0}
+
+    # -- prefill ---------------------------------------------------------------------------------
+    def _prefix_cache(self, prompts: Sequence[Sequence[int]]):
+        if not self.share_prefix or len(prompts) < 2:
+            return 0, None
+        n = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)  # keep >= 1 token per suffix
+        if n < self.min_prefix:
+            return 0, None
+        ids = torch.tensor([list(prompts[0][:n])], device=self.device)
+        out = self.model(input_ids=ids, use_cache=True)
+        self.stats["prefill_tokens"] += n
+        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return n, layers
+
+    def _prefill(self, prompts: Sequence[Sequence[int]], prefix_len: int, prefix_layers):
+        """Left-padded prefill of the prompts' suffixes after the shared prefix; logits of the last position."""
+        suffixes = [list(p[prefix_len:]) for p in prompts]
+        width = max(len(s) for s in suffixes)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, s in enumerate(suffixes):
+            ids[row, width - len(s):] = torch.tensor(s)
+            mask[row, width - len(s):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (prefix_len + mask.cumsum(-1) - 1).clamp(min=0)
+        cache = None
+        if prefix_layers is not None:
+            b = len(prompts)
+            cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1).contiguous(), v.expand(b, -1, -1, -1).contiguous())
+                                                 for k, v in prefix_layers], config=self.model.config)
+            mask = torch.cat([torch.ones((b, prefix_len), dtype=torch.long, device=self.device), mask], 1)
+            self.stats["prefix_tokens_reused"] += prefix_len * b
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        self.stats["prefill_tokens"] += int(sum(len(s) for s in suffixes))
+        return out.logits[:, -1], out.past_key_values, mask, positions[:, -1]
+
+    def _chunks(self, prompts: Sequence[Sequence[int]], size: int):
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        for start in range(0, len(order), size):
+            yield order[start:start + size]
+
+    # -- public ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]],
+                            on_batch: Optional[Callable[[list[int], list[torch.Tensor]], None]] = None) -> torch.Tensor:
+        """log p(next token | prompt) for each prompt, [len(prompts), vocab] on the CPU (one forward each)."""
+        prefix_len, layers = self._prefix_cache(prompts)
+        out = [None] * len(prompts)
+        for chunk in self._chunks(prompts, self.batch_size):
+            logits, *_ = self._prefill([prompts[i] for i in chunk], prefix_len, layers)
+            logprobs = torch.log_softmax(logits.float(), -1).cpu()
+            for row, i in enumerate(chunk):
+                out[i] = logprobs[row]
+            if on_batch is not None:
+                on_batch(list(chunk), [logprobs[row] for row in range(len(chunk))])
+        return torch.stack(out)
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, cfg: Sampling,
+                 on_batch: Optional[Callable[[list[int], list[list[Sample]]], None]] = None) -> list[list[Sample]]:
+        """``n`` samples for each prompt (token ids). ``on_batch(prompt_indices, samples)`` is called as each
+        batch of prompts completes, so callers can write results as they come."""
+        prefix_len, layers = self._prefix_cache(prompts)
+        per_call = max(1, self.batch_size)
+        results: list[Optional[list[Sample]]] = [None] * len(prompts)
+        for number, chunk in enumerate(self._chunks(prompts, per_call)):
+            generator = torch.Generator(device=self.device).manual_seed(self.seed + 7919 * number)
+            logits, cache, mask, last_pos = self._prefill([prompts[i] for i in chunk], prefix_len, layers)
+            if n > 1:  # one prefill per prompt, its key/values repeated for the n samples
+                cache.batch_repeat_interleave(n)
+                logits, mask, last_pos = (t.repeat_interleave(n, 0) for t in (logits, mask, last_pos))
+            samples = self._decode(logits, cache, mask, last_pos, cfg, generator)
+            grouped = [samples[k * n:(k + 1) * n] for k in range(len(chunk))]
+            for i, group in zip(chunk, grouped):
+                results[i] = group
+            if on_batch is not None:
+                on_batch(list(chunk), grouped)
+        return results  # type: ignore[return-value]
+
+    def _decode(self, logits, cache, mask, last_pos, cfg: Sampling, generator) -> list[Sample]:
+        rows = logits.shape[0]
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        logps = [0.0] * rows
+        finished = [False] * rows
+        live = list(range(rows))  # live[j] = original row of batch position j
+        for step in range(cfg.max_new_tokens):
+            token_logps = torch.log_softmax(logits.float(), -1)
+            nxt = _top_p_sample(logits, cfg, generator)
+            lp = token_logps.gather(-1, nxt[:, None])[:, 0]
+            nxt_list, lp_list = nxt.tolist(), lp.tolist()
+            keep = []
+            for j, row in enumerate(live):
+                tokens[row].append(nxt_list[j])
+                logps[row] += lp_list[j]
+                if nxt_list[j] in self.eos_ids:
+                    finished[row] = True
+                else:
+                    keep.append(j)
+            self.stats["generated_tokens"] += len(live)
+            if not keep or step == cfg.max_new_tokens - 1:
+                break
+            if len(keep) < len(live):
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                nxt, mask, last_pos = nxt[index], mask[index], last_pos[index]
+                live = [live[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
+            last_pos = last_pos + 1
+            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                             past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1]
+            self.stats["decode_steps"] += 1
+        return [Sample(tokens[r], logps[r], finished[r]) for r in range(rows)]

@@ -1,0 +1,135 @@
+"""LLM-as-a-Judge: the model scores a response to a question with the judge template.
+
+Two modes, chosen by config:
+- ``generative`` (the paper's): sample the judgement k times (one prefill per judge prompt for
+  its k samples), parse ``Score: N`` from each sample's own text, average the parsed scores;
+  unparsed or out-of-range samples are counted and left out.
+- ``logit``: one forward pass with the ``Score:`` cue forced as the start of the answer, then the
+  expectation of the score under the probabilities of the digit tokens 0..max_score. Always
+  yields a score, with no sampling; ``mass`` tells how much probability the digits carried.
+
+Both compute the key/values of the part shared by every judge prompt (system turn and rubric)
+once per call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from srlm.data.chat import encode_prompt
+from srlm.prompts import PromptTemplate
+from srlm.selfreward.engine import Engine, Sampling
+from srlm.selfreward.scoring import parse_score
+
+
+@dataclass
+class JudgeResult:
+    score: Optional[float]
+    """Mean of the valid sample scores (generative) or the expected score (logit); None if no sample parsed."""
+    scores: list = field(default_factory=list)
+    """Each sample's parsed score (None where unparsed)."""
+    outputs: list = field(default_factory=list)
+    """Each sample's judgement text (generative mode)."""
+    mass: Optional[float] = None
+    """Probability carried by the score digits after the cue (logit mode)."""
+
+    def to_json(self) -> dict:
+        out = {"score": self.score, "scores": self.scores}
+        if self.outputs:
+            out["outputs"] = self.outputs
+        if self.mass is not None:
+            out["mass"] = self.mass
+        return out
+
+
+class Judge:
+    def __init__(self, engine: Engine, tokenizer, template: PromptTemplate, max_score: int = 5):
+        self.engine, self.tokenizer, self.max_score = engine, tokenizer, max_score
+        self.template = template.require("question", "response")
+
+    def judge_prompt(self, question: str, response: str) -> str:
+        return self.template.fill(question=question, response=response)
+
+    def prompt_ids(self, question: str, response: str) -> list[int]:
+        return encode_prompt(self.tokenizer, self.judge_prompt(question, response))
+
+    def score(self, items: Sequence[tuple[str, str]],
+              on_batch: Optional[Callable[[list[int], list[JudgeResult]], None]] = None) -> list[JudgeResult]:
+        raise NotImplementedError
+
+
+class GenerativeJudge(Judge):
+    """Sample k judgements per response and average the parsed scores."""
+
+    def __init__(self, engine: Engine, tokenizer, template: PromptTemplate, samples: int = 3,
+                 sampling: Sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=160), max_score: int = 5):
+        super().__init__(engine, tokenizer, template, max_score)
+        self.samples, self.sampling = samples, sampling
+
+    def _result(self, samples) -> JudgeResult:
+        texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
+        # Parse only what the judge wrote: the echoed rubric and response are not in these texts.
+        scores = [parse_score(t, max_score=self.max_score) for t in texts]
+        valid = [s for s in scores if s is not None]
+        return JudgeResult(sum(valid) / len(valid) if valid else None, scores, texts)
+
+    def score(self, items, on_batch=None):
+        prompts = [self.prompt_ids(q, r) for q, r in items]
+        callback = None
+        if on_batch is not None:
+            callback = lambda idx, groups: on_batch(idx, [self._result(g) for g in groups])  # noqa: E731
+        results = self.engine.generate(prompts, self.samples, self.sampling, on_batch=callback)
+        return [self._result(g) for g in results]
+
+
+def digit_token_ids(tokenizer, cue: str, max_score: int) -> tuple[list[int], list[int]]:
+    """(cue token ids, one token id per score 0..max_score) such that cue + digit tokenises as cue then digit."""
+    for cue_text, fmt in ((cue + " ", "{d}"), (cue, " {d}"), (cue, "{d}")):
+        cue_ids = tokenizer(cue_text, add_special_tokens=False)["input_ids"]
+        digits = []
+        for d in range(max_score + 1):
+            ids = tokenizer(cue_text + fmt.format(d=d), add_special_tokens=False)["input_ids"]
+            if ids[:len(cue_ids)] != cue_ids or len(ids) != len(cue_ids) + 1:
+                break
+            digits.append(ids[-1])
+        if len(digits) == max_score + 1 and len(set(digits)) == len(digits):
+            return cue_ids, digits
+    raise ValueError(f"the tokenizer has no single-token digits after the cue '{cue}': use judge_mode generative")
+
+
+class LogitJudge(Judge):
+    """Force the cue, read the score digits' probabilities, take their expectation."""
+
+    def __init__(self, engine: Engine, tokenizer, template: PromptTemplate, cue: str = "Score:", max_score: int = 5):
+        super().__init__(engine, tokenizer, template, max_score)
+        self.cue_ids, self.digit_ids = digit_token_ids(tokenizer, cue, max_score)
+
+    def _result(self, logprobs: torch.Tensor) -> JudgeResult:
+        lp = logprobs[self.digit_ids].double()
+        mass = float(lp.exp().sum())
+        probs = torch.softmax(lp, 0)
+        score = float((probs * torch.arange(len(self.digit_ids), dtype=torch.float64)).sum())
+        if not math.isfinite(score):
+            return JudgeResult(None, [None], mass=mass)
+        return JudgeResult(score, [score], mass=mass)
+
+    def score(self, items, on_batch=None):
+        prompts = [self.prompt_ids(q, r) + self.cue_ids for q, r in items]
+        callback = None
+        if on_batch is not None:
+            callback = lambda idx, rows: on_batch(idx, [self._result(r) for r in rows])  # noqa: E731
+        logprobs = self.engine.next_token_logprobs(prompts, on_batch=callback)
+        return [self._result(row) for row in logprobs]
+
+
+def make_judge(mode: str, engine: Engine, tokenizer, template: PromptTemplate, samples: int = 3,
+               sampling: Optional[Sampling] = None, max_score: int = 5) -> Judge:
+    if mode == "generative":
+        return GenerativeJudge(engine, tokenizer, template, samples, sampling or Sampling(0.7, 0.9, 160), max_score)
+    if mode == "logit":
+        return LogitJudge(engine, tokenizer, template, max_score=max_score)
+    raise ValueError(f"judge mode '{mode}': expected generative or logit")

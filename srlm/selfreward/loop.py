@@ -1,0 +1,126 @@
+"""The self-rewarding loop, top to bottom: M1 by SFT, then for t = 1..T create AIFT(M_t) and train M_{t+1} by DPO.
+
+Each phase runs on a fresh Trainer (re-calling ``fit`` on a used Trainer is fragile) and marks
+itself done in the run's manifest; a rerun of the same command skips finished phases, resumes a
+cut-short fit from its ``last.ckpt`` and a cut-short generation or judging step from its records.
+The generation and judging step is a Callback on the fit that produced M_t.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import SaveConfigCallback
+
+from srlm.data.datamodule import PreferenceDataModule, SFTDataModule
+from srlm.models.dpo import DPOModule
+from srlm.models.sft import SFTModule
+from srlm.selfreward.config import DPORoundConfig, SelfRewardConfig
+from srlm.selfreward.creator import InstructionCreator, SelfRewardCallback
+from srlm.selfreward.rundir import RunDir
+
+if TYPE_CHECKING:
+    from srlm.trainer import SRLMTrainer
+
+log = logging.getLogger(__name__)
+
+
+def config_text(trainer, fallback: dict) -> str:
+    """The CLI's full configuration (for config.yaml and the rerun check), or the loop's own arguments."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, SaveConfigCallback):
+            text = cb.parser.dump(cb.config, skip_none=False)
+            # Options that steer this invocation, not the run's content, stay out of the comparison.
+            lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith(("force:", "config:"))]
+            return "\n".join(lines) + "\n"
+    return json.dumps(fallback, indent=2, default=str, sort_keys=True) + "\n"
+
+
+def phase_trainer(trainer: "SRLMTrainer", root: Path, checkpoint_every: int, extra_callbacks: list, **overrides):
+    """A fresh Trainer for one phase: its own folder, its own checkpoints, the user's other callbacks."""
+    inherited = [cb for cb in trainer.init_kwargs.get("callbacks") or []
+                 if not isinstance(cb, (ModelCheckpoint, SaveConfigCallback))]
+    checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=0,
+                                  every_n_train_steps=checkpoint_every)
+    return trainer.fresh(default_root_dir=str(root), callbacks=inherited + [checkpoints] + extra_callbacks,
+                         enable_checkpointing=True, **overrides)
+
+
+def fit_phase(trainer, module, datamodule, root: Path) -> None:
+    last = root / "checkpoints" / "last.ckpt"
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
+
+
+def run_loop(trainer: "SRLMTrainer", model: SFTModule, datamodule: SFTDataModule, run_dir: str, iterations: int,
+             m1_adapter: Optional[str], self_reward: SelfRewardConfig, dpo: DPORoundConfig, checkpoint_every: int,
+             force: bool) -> dict:
+    run = RunDir(run_dir)
+    run.claim(config_text(trainer, {"run_dir": run_dir, "iterations": iterations, "m1_adapter": m1_adapter,
+                                    "self_reward": dataclasses.asdict(self_reward), "dpo": dataclasses.asdict(dpo)}),
+              trainer.world_size, force)
+    backbone = model.backbone_config
+
+    def creator_for(t: int) -> InstructionCreator:
+        return InstructionCreator(self_reward, run, t, backbone, show_progress=trainer.is_global_zero)
+
+    # M1: SFT on IFT + EFT (or an M1 given by the user), with iteration 1's creation as its callback.
+    if m1_adapter:
+        model_dir = m1_adapter
+        pending = None
+    else:
+        root = run.root / "m1"
+        model_dir = root / "model"
+        pending = creator_for(1) if iterations >= 1 else None
+        if not run.done("m1"):
+            model.export_dir = str(model_dir)
+            callbacks = [SelfRewardCallback(pending)] if pending else []
+            fit_phase(phase_trainer(trainer, root, checkpoint_every, callbacks), model, datamodule, root)
+            run.mark_done("m1", {"train_examples": len(datamodule.train_dataset)})
+    for t in range(1, iterations + 1):
+        creator = pending or creator_for(t)
+        if not creator.complete():
+            creator.run(model_dir)  # the fit that made M_t finished earlier (resume or given M1)
+        it_dir = run.iter_dir(t)
+        phase = f"iter_{t}/train"
+        next_creator = creator_for(t + 1) if t < iterations else None
+        pending = next_creator
+        if run.done(phase):
+            model_dir = Path(run.info(phase)["counts"]["model"])
+            continue
+        n_pairs = run.info(f"iter_{t}/pairs").get("counts", {}).get("pairs", 0)
+        if self_reward.positive_only:
+            module, data = _positive_round(model, datamodule, model_dir, it_dir, dpo)
+        elif n_pairs == 0:
+            log.warning("iteration %d produced no preference pairs: M%d = M%d", t, t + 1, t)
+            run.mark_done(phase, {"pairs": 0, "model": str(model_dir)})
+            continue
+        else:
+            module = DPOModule(dataclasses.replace(backbone, adapter_path=str(model_dir)), dpo.optimizer, dpo.beta,
+                               dpo.loss_type, dpo.label_smoothing, dpo.precompute_reference,
+                               export_dir=str(it_dir / "model"), sparse_lm_head=model.sparse_lm_head)
+            data = PreferenceDataModule(pair_files=[str(it_dir / "pairs.jsonl")], batch_size=dpo.batch_size,
+                                        max_length=dpo.max_length, max_prompt_length=dpo.max_prompt_length)
+        root = it_dir / "dpo"
+        callbacks = [SelfRewardCallback(next_creator)] if next_creator else []
+        phase_tr = phase_trainer(trainer, root, checkpoint_every, callbacks, max_epochs=dpo.max_epochs,
+                                 max_steps=dpo.max_steps)
+        fit_phase(phase_tr, module, data, root)
+        model_dir = it_dir / "model"
+        run.mark_done(phase, {"pairs": n_pairs, "model": str(model_dir), "steps": phase_tr.global_step})
+    run.manifest["final_model"] = str(model_dir)
+    run.save()
+    return run.manifest
+
+
+def _positive_round(model: SFTModule, datamodule: SFTDataModule, model_dir, it_dir: Path, dpo: DPORoundConfig):
+    """The paper's 'positive examples only' variant: SFT of M_t on its own top-scoring responses."""
+    module = SFTModule(dataclasses.replace(model.backbone_config, adapter_path=str(model_dir)), model.optim_config,
+                       export_dir=str(it_dir / "model"), sparse_lm_head=model.sparse_lm_head)
+    data = SFTDataModule(ift_files=[str(it_dir / "positives.jsonl")], eft_files=[], batch_size=datamodule.batch_size,
+                         max_length=datamodule.max_length, val_fraction=0.0)
+    return module, data

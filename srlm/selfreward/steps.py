@@ -1,0 +1,223 @@
+"""The self-instruction creation steps, each resumable on its own output file.
+
+Every record carries an id and is appended (and flushed) as soon as its batch is done; a rerun
+reads what is there, skips those ids and continues, so after any kill every record ends up in
+the file exactly once. A torn last line from a kill is dropped on reopening (JsonlAppender).
+
+1. ``generate_prompts``: few-shot requests (8 seed prompts each by default); only the model's
+   new text is harvested, filtered and deduplicated (PromptFilter). Request i always shows the
+   same examples, so a resumed run asks the same questions.
+2. ``generate_candidates``: N samples per prompt, with each sample's log-prob under the sampling
+   model (the next DPO round's reference) when the text re-tokenises to the sampled tokens.
+3. ``judge_candidates``: the judge's score for every candidate.
+4. ``make_pairs``: best against worst per prompt; ties and unscored candidates handled in pairs.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from srlm.data.chat import encode_prompt
+from srlm.data.records import JsonlAppender, iter_jsonl, write_jsonl
+from srlm.prompts import PromptTemplate
+from srlm.selfreward.engine import Engine, Sampling
+from srlm.selfreward.judge import Judge
+from srlm.selfreward.pairs import build_pairs
+from srlm.selfreward.prompt_filter import PromptFilter, extract_new_prompt
+
+log = logging.getLogger(__name__)
+
+
+def existing(path: Path) -> list[dict]:
+    return [obj for _, obj in iter_jsonl(path)] if Path(path).exists() else []
+
+
+class Progress:
+    """A progress bar with count and rate (tqdm), shown on rank 0 only."""
+
+    def __init__(self, desc: str, total: int, initial: int = 0, enabled: bool = True):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="rec", dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- 1. prompts ------------------------------------------------------------------------------------
+def few_shot_examples(seed_prompts: Sequence[str], request: int, k: int, seed: int) -> list[str]:
+    rng = random.Random(f"{seed}-{request}")  # request i shows the same examples on every run
+    return rng.sample(list(seed_prompts), min(k, len(seed_prompts)))
+
+
+def render_examples(examples: Sequence[str]) -> str:
+    return "\n\n".join(f"Task: {e.strip()}" for e in examples)
+
+
+def generate_prompts(engine: Engine, tokenizer, seed_prompts: Sequence[str], template: PromptTemplate, out_path: Path,
+                     *, target: int, max_requests: Optional[int] = None, few_shot: int = 8,
+                     sampling: Sampling = Sampling(0.6, 0.9, 128), seed: int = 0, id_prefix: str = "p",
+                     requests_per_batch: int = 16, show_progress: bool = True) -> dict:
+    """Write ``target`` new prompts to ``out_path``; the decisions on every request go to ``*.log.jsonl``."""
+    out_path = Path(out_path)
+    template.require("examples")
+    decisions_path = out_path.with_suffix(".log.jsonl")
+    max_requests = max_requests or 4 * target
+    kept = existing(out_path)
+    decisions = existing(decisions_path)
+    done_requests = {d["request"] for d in decisions}
+    kept_ids = {r["id"] for r in kept}
+    # A request logged as kept whose prompt line was lost to a kill is redone.
+    done_requests -= {d["request"] for d in decisions if d["reason"] == "kept" and f"{id_prefix}{d['request']}" not in kept_ids}
+    filt = PromptFilter(list(seed_prompts))
+    for r in kept:
+        filt.remember(r["prompt"])
+    bar = Progress("prompts", target, len(kept), show_progress)
+    start = time.time()
+    request = 0
+    with JsonlAppender(out_path) as out, JsonlAppender(decisions_path) as dec:
+        while len(kept) < target and request < max_requests:
+            batch = []
+            while len(batch) < requests_per_batch and request < max_requests:
+                if request not in done_requests:
+                    batch.append(request)
+                request += 1
+            if not batch:
+                continue
+            shown = {r: few_shot_examples(seed_prompts, r, few_shot, seed) for r in batch}
+            ids = [encode_prompt(tokenizer, template.fill(examples=render_examples(shown[r]))) for r in batch]
+            samples = engine.generate(ids, 1, sampling)
+            for r, group in zip(batch, samples):
+                if len(kept) >= target:
+                    break
+                text = extract_new_prompt(tokenizer.decode(group[0].token_ids, skip_special_tokens=True))
+                reason = filt.check(text or "", shown[r])
+                if reason is None:
+                    record = {"id": f"{id_prefix}{r}", "prompt": text, "request": r}
+                    out.write(record)
+                    kept.append(record)
+                    bar.update(1)
+                dec.write({"request": r, "reason": reason or "kept"})
+                decisions.append({"request": r, "reason": reason or "kept"})
+    bar.close()
+    stats = {"kept": len(kept), "requests": len(decisions), "seconds": round(time.time() - start, 1)}
+    for d in decisions:
+        if d["reason"] != "kept":
+            stats[f"dropped_{d['reason']}"] = stats.get(f"dropped_{d['reason']}", 0) + 1
+    if len(kept) < target:
+        log.warning("prompt generation kept %d of %d prompts after %d requests", len(kept), target, max_requests)
+    return stats
+
+
+# -- 2. candidates ---------------------------------------------------------------------------------
+def harvest_logp(tokenizer, sample) -> Optional[float]:
+    """The sample's log-prob if DPO will see exactly these tokens (finished, and the text re-tokenises the same)."""
+    if not sample.finished:
+        return None
+    text = tokenizer.decode(sample.token_ids[:-1], skip_special_tokens=False)
+    if tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] != sample.token_ids:
+        return None
+    return sample.logp
+
+
+def generate_candidates(engine: Engine, tokenizer, prompts: Sequence[dict], out_path: Path, *, n: int = 4,
+                        sampling: Sampling = Sampling(0.7, 0.9, 256), show_progress: bool = True) -> dict:
+    """``n`` responses per prompt record ``{id, prompt}``, appended as each batch of prompts completes."""
+    out_path = Path(out_path)
+    have = existing(out_path)
+    seen = {r["id"] for r in have}
+    todo = [p for p in prompts if any(f"{p['id']}-c{k}" not in seen for k in range(n))]
+    stats = {"prompts": len(prompts), "candidates": len(have), "empty": 0, "unfinished": 0, "harvested_logp": 0}
+    bar = Progress("candidates", len(prompts) * n, len(have), show_progress)
+    start = time.time()
+    tokens = 0
+    with JsonlAppender(out_path) as out:
+        def on_batch(indices, groups):
+            nonlocal tokens
+            rows = []
+            for i, group in zip(indices, groups):
+                p = todo[i]
+                for k, sample in enumerate(group):
+                    cid = f"{p['id']}-c{k}"
+                    if cid in seen:
+                        continue
+                    text = tokenizer.decode(sample.token_ids, skip_special_tokens=True)
+                    tokens += len(sample.token_ids)
+                    if not text.strip():
+                        stats["empty"] += 1
+                        seen.add(cid)
+                        continue
+                    logp = harvest_logp(tokenizer, sample)
+                    stats["unfinished"] += not sample.finished
+                    stats["harvested_logp"] += logp is not None
+                    rows.append({"id": cid, "prompt_id": p["id"], "prompt": p["prompt"], "candidate": k,
+                                 "response": tokenizer.decode(sample.token_ids[:-1] if sample.finished else sample.token_ids,
+                                                              skip_special_tokens=False),
+                                 "finished": sample.finished, "n_tokens": len(sample.token_ids), "logp": logp})
+                    seen.add(cid)
+            out.write_many(rows)
+            stats["candidates"] += len(rows)
+            bar.update(sum(len(g) for g in groups))
+
+        if todo:
+            engine.generate([encode_prompt(tokenizer, p["prompt"]) for p in todo], n, sampling, on_batch=on_batch)
+    bar.close()
+    seconds = time.time() - start
+    stats["seconds"] = round(seconds, 1)
+    stats["tokens_per_s"] = round(tokens / seconds, 1) if seconds > 0 and tokens else None
+    return stats
+
+
+# -- 3. judging ------------------------------------------------------------------------------------
+def judge_candidates(judge: Judge, candidates: Sequence[dict], out_path: Path, *, chunk: int = 64,
+                     show_progress: bool = True) -> dict:
+    """One judgement record per candidate: ``{id, prompt_id, score, scores, outputs?}``."""
+    out_path = Path(out_path)
+    have = existing(out_path)
+    seen = {r["id"] for r in have}
+    todo = [c for c in candidates if c["id"] not in seen]
+    bar = Progress("judging", len(candidates), len(have), show_progress)
+    start = time.time()
+    with JsonlAppender(out_path) as out:
+        for begin in range(0, len(todo), chunk):
+            part = todo[begin:begin + chunk]
+
+            def on_batch(indices, results, part=part):
+                out.write_many([{"id": part[i]["id"], "prompt_id": part[i]["prompt_id"], **res.to_json()}
+                                for i, res in zip(indices, results)])
+                bar.update(len(indices))
+
+            judge.score([(c["prompt"], c["response"]) for c in part], on_batch=on_batch)
+    bar.close()
+    rows = existing(out_path)
+    n_samples = sum(len(r["scores"]) for r in rows)
+    return {"judged": len(rows), "samples": n_samples,
+            "unparsed_samples": sum(s is None for r in rows for s in r["scores"]),
+            "unscored": sum(r["score"] is None for r in rows), "seconds": round(time.time() - start, 1)}
+
+
+# -- 4. pairs --------------------------------------------------------------------------------------
+def make_pairs(candidates: Sequence[dict], judgements: Sequence[dict], out_path: Path, *, min_margin: float = 0.0) -> dict:
+    """Join candidates with their scores and write the preference pairs (atomically)."""
+    scores = {j["id"]: j["score"] for j in judgements}
+    joined = [{"prompt_id": c["prompt_id"], "prompt": c["prompt"], "candidate_id": c["id"], "response": c["response"],
+               "score": scores.get(c["id"]), "logp": c.get("logp")} for c in candidates]
+    pairs, stats = build_pairs(joined, min_margin=min_margin)
+    logps = {c["id"]: c.get("logp") for c in candidates}
+    for pair in pairs:  # harvested reference log-probs travel with the pair
+        lc, lr = logps.get(pair["chosen_id"]), logps.get(pair["rejected_id"])
+        if lc is not None and lr is not None:
+            pair["ref_chosen_logp"], pair["ref_rejected_logp"] = lc, lr
+    write_jsonl(out_path, pairs)
+    return stats

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from srlm.data.chat import encode_prompt
+from srlm.models.backbone import load_for_inference, load_tokenizer
+from srlm.selfreward.engine import Engine, Sampling, common_prefix
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about rain and the sea.", "Explain recursion.",
+           "Name three fruits that are red.", "Why is the sky blue?"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model):
+    model, tok = load_for_inference(tiny_model), load_tokenizer(tiny_model)
+    ids = [encode_prompt(tok, p) for p in PROMPTS]
+    return model, tok, ids
+
+
+def engine(setup, **kw):
+    model, tok, _ = setup
+    return Engine(model, [tok.eos_token_id], tok.pad_token_id, **{"batch_size": 3, "min_prefix": 2, **kw})
+
+
+def test_greedy_batched_matches_hf_generate_one_by_one(setup):
+    model, tok, ids = setup
+    eng = engine(setup)
+    out = eng.generate(ids, 1, Sampling(temperature=0, max_new_tokens=12))
+    assert eng.stats["prefix_tokens_reused"] > 0  # the chat header was shared
+    for p, (sample,) in zip(ids, out):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+        assert sample.token_ids == ref[:len(sample.token_ids)]
+        assert sample.finished == (sample.token_ids[-1] == tok.eos_token_id)
+
+
+def test_sample_logp_equals_a_forward_pass(setup):
+    model, tok, ids = setup
+    out = engine(setup, seed=3).generate(ids[:3], 2, Sampling(temperature=1.0, top_p=0.95, max_new_tokens=10))
+    for p, group in zip(ids, out):
+        for s in group:
+            full = torch.tensor([p + s.token_ids])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(full).logits[0, len(p) - 1:-1].float(), -1)
+            expect = lp.gather(1, torch.tensor(s.token_ids)[:, None]).sum().item()
+            assert abs(expect - s.logp) < 1e-3
+
+
+def test_one_prefill_per_prompt_for_its_n_samples(setup):
+    _, _, ids = setup
+    one = engine(setup, share_prefix=False)
+    one.generate(ids, 1, Sampling(max_new_tokens=2))
+    four = engine(setup, share_prefix=False)
+    out = four.generate(ids, 4, Sampling(max_new_tokens=2))
+    assert all(len(g) == 4 for g in out)
+    assert four.stats["prefill_tokens"] == one.stats["prefill_tokens"] == sum(len(p) for p in ids)
+
+
+def test_shared_prefix_changes_nothing(setup):
+    tok = setup[1]  # a long instruction shared by every prompt, as the judge rubric is
+    long = [encode_prompt(tok, "Read the rubric carefully and then answer. " * 5 + p) for p in PROMPTS]
+    a = engine(setup, share_prefix=True).next_token_logprobs(long)
+    b = engine(setup, share_prefix=False).next_token_logprobs(long)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    ga = engine(setup, share_prefix=True).generate(long, 1, Sampling(temperature=0, max_new_tokens=8))
+    gb = engine(setup, share_prefix=False).generate(long, 1, Sampling(temperature=0, max_new_tokens=8))
+    assert [g[0].token_ids for g in ga] == [g[0].token_ids for g in gb]
+
+
+def test_on_batch_sees_every_prompt_once(setup):
+    _, _, ids = setup
+    seen = []
+    engine(setup).generate(ids, 2, Sampling(max_new_tokens=3), on_batch=lambda idx, groups: seen.extend(idx))
+    assert sorted(seen) == list(range(len(ids)))
+
+
+def test_common_prefix():
+    assert common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    assert common_prefix([[5], [6]]) == 0
