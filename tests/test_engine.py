@@ -58,8 +58,8 @@ def test_one_prefill_per_prompt_for_its_n_samples(setup):
 def test_shared_prefix_changes_nothing(setup):
     tok = setup[1]  # a long instruction shared by every prompt, as the judge rubric is
     long = [encode_prompt(tok, "Read the rubric carefully and then answer. " * 5 + p) for p in PROMPTS]
-    a = engine(setup, share_prefix=True).next_token_logprobs(long)
-    b = engine(setup, share_prefix=False).next_token_logprobs(long)
+    a = torch.stack(engine(setup, share_prefix=True).next_token_logprobs(long))
+    b = torch.stack(engine(setup, share_prefix=False).next_token_logprobs(long))
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     ga = engine(setup, share_prefix=True).generate(long, 1, Sampling(temperature=0, max_new_tokens=8))
     gb = engine(setup, share_prefix=False).generate(long, 1, Sampling(temperature=0, max_new_tokens=8))

@@ -98,8 +98,12 @@ class TokenizedSFT(Dataset):
 
 
 class _BaseDataModule(L.LightningDataModule):
-    def __init__(self, batch_size: int, eval_batch_size: Optional[int], group_by_length: bool, num_workers: int, seed: int):
+    def __init__(self, batch_size: int, eval_batch_size: Optional[int], group_by_length: bool, num_workers: int, seed: int,
+                 max_length: int, max_prompt_length: int):
         super().__init__()
+        if not 0 < max_prompt_length < max_length:
+            raise ValueError(f"max_prompt_length={max_prompt_length} must be below max_length={max_length}, "
+                             "so that a cut example keeps some response tokens")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.group_by_length, self.num_workers, self.seed = group_by_length, num_workers, seed
         self.tokenizer = None
@@ -156,10 +160,10 @@ class SFTDataModule(_BaseDataModule):
     """
 
     def __init__(self, ift_files: list[str] = ["seed:ift.jsonl"], eft_files: list[str] = ["seed:eft_train.jsonl"],
-                 extra_files: list[str] = [], judge_template: str = "judge_additive", max_length: int = 512,
-                 max_prompt_length: int = 384, batch_size: int = 4, eval_batch_size: Optional[int] = None,
+                 extra_files: list[str] = [], judge_template: str = "judge_additive", max_length: int = 768,
+                 max_prompt_length: int = 640, batch_size: int = 4, eval_batch_size: Optional[int] = None,
                  val_fraction: float = 0.05, group_by_length: bool = True, num_workers: int = 0, seed: int = 0):
-        super().__init__(batch_size, eval_batch_size, group_by_length, num_workers, seed)
+        super().__init__(batch_size, eval_batch_size, group_by_length, num_workers, seed, max_length, max_prompt_length)
         self.save_hyperparameters()
         self.ift_files, self.eft_files, self.extra_files = list(ift_files), list(eft_files), list(extra_files)
         self.judge_template, self.max_length, self.max_prompt_length = judge_template, max_length, max_prompt_length
@@ -262,7 +266,7 @@ class PreferenceDataModule(_BaseDataModule):
     def __init__(self, pair_files: list[str] = ["seed:prefs.jsonl"], val_files: list[str] = [], max_length: int = 512,
                  max_prompt_length: int = 256, batch_size: int = 2, eval_batch_size: Optional[int] = None,
                  val_fraction: float = 0.0, group_by_length: bool = True, num_workers: int = 0, seed: int = 0):
-        super().__init__(batch_size, eval_batch_size, group_by_length, num_workers, seed)
+        super().__init__(batch_size, eval_batch_size, group_by_length, num_workers, seed, max_length, max_prompt_length)
         self.save_hyperparameters()
         self.pair_files, self.val_files = list(pair_files), list(val_files)
         self.max_length, self.max_prompt_length, self.val_fraction = max_length, max_prompt_length, val_fraction

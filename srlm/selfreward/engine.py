@@ -125,36 +125,48 @@ class Engine:
         return out.logits[:, -1], out.past_key_values, mask, positions[:, -1]
 
     def _chunks(self, prompts: Sequence[Sequence[int]], size: int):
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
         for start in range(0, len(order), size):
             yield order[start:start + size]
 
     # -- public ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def next_token_logprobs(self, prompts: Sequence[Sequence[int]],
-                            on_batch: Optional[Callable[[list[int], list[torch.Tensor]], None]] = None) -> torch.Tensor:
-        """log p(next token | prompt) for each prompt, [len(prompts), vocab] on the CPU (one forward each)."""
+                            on_batch: Optional[Callable[[list[int], list[torch.Tensor]], None]] = None,
+                            skip: Optional[Callable[[list[int]], bool]] = None) -> list[Optional[torch.Tensor]]:
+        """log p(next token | prompt) for each prompt, [vocab] on the CPU each (one forward per prompt)."""
         prefix_len, layers = self._prefix_cache(prompts)
-        out = [None] * len(prompts)
+        out: list[Optional[torch.Tensor]] = [None] * len(prompts)
         for chunk in self._chunks(prompts, self.batch_size):
+            if skip is not None and skip(list(chunk)):
+                continue
             logits, *_ = self._prefill([prompts[i] for i in chunk], prefix_len, layers)
             logprobs = torch.log_softmax(logits.float(), -1).cpu()
             for row, i in enumerate(chunk):
                 out[i] = logprobs[row]
             if on_batch is not None:
                 on_batch(list(chunk), [logprobs[row] for row in range(len(chunk))])
-        return torch.stack(out)
+        return out
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], n: int, cfg: Sampling,
-                 on_batch: Optional[Callable[[list[int], list[list[Sample]]], None]] = None) -> list[list[Sample]]:
-        """``n`` samples for each prompt (token ids). ``on_batch(prompt_indices, samples)`` is called as each
-        batch of prompts completes, so callers can write results as they come."""
+                 on_batch: Optional[Callable[[list[int], list[list[Sample]]], None]] = None,
+                 skip: Optional[Callable[[list[int]], bool]] = None, seed: Optional[int] = None) -> list[list[Sample]]:
+        """``n`` samples for each prompt (token ids).
+
+        ``on_batch(prompt_indices, samples)`` is called as each batch of prompts completes, so callers
+        can write results as they come. Batches are a fixed partition of the prompts with a fixed seed
+        each, so a resumed call that ``skip``s the batches already written samples the rest exactly as
+        an uninterrupted call would have. Skipped prompts get ``None``.
+        """
         prefix_len, layers = self._prefix_cache(prompts)
         per_call = max(1, self.batch_size)
+        base_seed = self.seed if seed is None else seed
         results: list[Optional[list[Sample]]] = [None] * len(prompts)
         for number, chunk in enumerate(self._chunks(prompts, per_call)):
-            generator = torch.Generator(device=self.device).manual_seed(self.seed + 7919 * number)
+            if skip is not None and skip(list(chunk)):
+                continue
+            generator = torch.Generator(device=self.device).manual_seed(base_seed + 7919 * number)
             logits, cache, mask, last_pos = self._prefill([prompts[i] for i in chunk], prefix_len, layers)
             if n > 1:  # one prefill per prompt, its key/values repeated for the n samples
                 cache.batch_repeat_interleave(n)

@@ -58,7 +58,9 @@ class Judge:
         return encode_prompt(self.tokenizer, self.judge_prompt(question, response))
 
     def score(self, items: Sequence[tuple[str, str]],
-              on_batch: Optional[Callable[[list[int], list[JudgeResult]], None]] = None) -> list[JudgeResult]:
+              on_batch: Optional[Callable[[list[int], list[JudgeResult]], None]] = None,
+              skip: Optional[Callable[[list[int]], bool]] = None, seed: Optional[int] = None) -> list[Optional[JudgeResult]]:
+        """Judge each (question, response); batches for which ``skip(indices)`` is true are not run (None)."""
         raise NotImplementedError
 
 
@@ -77,13 +79,13 @@ class GenerativeJudge(Judge):
         valid = [s for s in scores if s is not None]
         return JudgeResult(sum(valid) / len(valid) if valid else None, scores, texts)
 
-    def score(self, items, on_batch=None):
+    def score(self, items, on_batch=None, skip=None, seed=None):
         prompts = [self.prompt_ids(q, r) for q, r in items]
         callback = None
         if on_batch is not None:
             callback = lambda idx, groups: on_batch(idx, [self._result(g) for g in groups])  # noqa: E731
-        results = self.engine.generate(prompts, self.samples, self.sampling, on_batch=callback)
-        return [self._result(g) for g in results]
+        results = self.engine.generate(prompts, self.samples, self.sampling, on_batch=callback, skip=skip, seed=seed)
+        return [self._result(g) if g is not None else None for g in results]
 
 
 def digit_token_ids(tokenizer, cue: str, max_score: int) -> tuple[list[int], list[int]]:
@@ -117,13 +119,13 @@ class LogitJudge(Judge):
             return JudgeResult(None, [None], mass=mass)
         return JudgeResult(score, [score], mass=mass)
 
-    def score(self, items, on_batch=None):
+    def score(self, items, on_batch=None, skip=None, seed=None):
         prompts = [self.prompt_ids(q, r) + self.cue_ids for q, r in items]
         callback = None
         if on_batch is not None:
             callback = lambda idx, rows: on_batch(idx, [self._result(r) for r in rows])  # noqa: E731
-        logprobs = self.engine.next_token_logprobs(prompts, on_batch=callback)
-        return [self._result(row) for row in logprobs]
+        logprobs = self.engine.next_token_logprobs(prompts, on_batch=callback, skip=skip)
+        return [self._result(row) if row is not None else None for row in logprobs]
 
 
 def make_judge(mode: str, engine: Engine, tokenizer, template: PromptTemplate, samples: int = 3,

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 
@@ -77,6 +78,7 @@ def run_loop(trainer: "SRLMTrainer", model: SFTModule, datamodule: SFTDataModule
         model_dir = root / "model"
         pending = creator_for(1) if iterations >= 1 else None
         if not run.done("m1"):
+            L.seed_everything(self_reward.seed, verbose=False)
             model.export_dir = str(model_dir)
             callbacks = [SelfRewardCallback(pending)] if pending else []
             fit_phase(phase_trainer(trainer, root, checkpoint_every, callbacks), model, datamodule, root)
@@ -93,6 +95,8 @@ def run_loop(trainer: "SRLMTrainer", model: SFTModule, datamodule: SFTDataModule
             model_dir = Path(run.info(phase)["counts"]["model"])
             continue
         n_pairs = run.info(f"iter_{t}/pairs").get("counts", {}).get("pairs", 0)
+        # Each phase seeds itself: a resumed run reaches it with another RNG state than a fresh one.
+        L.seed_everything(self_reward.seed + t, verbose=False)
         if self_reward.positive_only:
             module, data = _positive_round(model, datamodule, model_dir, it_dir, dpo)
         elif n_pairs == 0:

@@ -69,52 +69,52 @@ def generate_prompts(engine: Engine, tokenizer, seed_prompts: Sequence[str], tem
                      *, target: int, max_requests: Optional[int] = None, few_shot: int = 8,
                      sampling: Sampling = Sampling(0.6, 0.9, 128), seed: int = 0, id_prefix: str = "p",
                      requests_per_batch: int = 16, show_progress: bool = True) -> dict:
-    """Write ``target`` new prompts to ``out_path``; the decisions on every request go to ``*.log.jsonl``."""
+    """Write ``target`` new prompts to ``out_path``; the decision on every request goes to ``*.log.jsonl``.
+
+    Requests are processed in fixed batches with fixed seeds, in order: a resumed run skips the
+    requests already decided (logged, or kept) and reaches the same prompts as an uninterrupted one.
+    """
     out_path = Path(out_path)
     template.require("examples")
     decisions_path = out_path.with_suffix(".log.jsonl")
     max_requests = max_requests or 4 * target
     kept = existing(out_path)
-    decisions = existing(decisions_path)
-    done_requests = {d["request"] for d in decisions}
-    kept_ids = {r["id"] for r in kept}
-    # A request logged as kept whose prompt line was lost to a kill is redone.
-    done_requests -= {d["request"] for d in decisions if d["reason"] == "kept" and f"{id_prefix}{d['request']}" not in kept_ids}
+    decisions = {d["request"]: d["reason"] for d in existing(decisions_path)}
+    decisions.update({r["request"]: "kept" for r in kept})  # a kill between the two writes
     filt = PromptFilter(list(seed_prompts))
     for r in kept:
         filt.remember(r["prompt"])
     bar = Progress("prompts", target, len(kept), show_progress)
     start = time.time()
-    request = 0
     with JsonlAppender(out_path) as out, JsonlAppender(decisions_path) as dec:
-        while len(kept) < target and request < max_requests:
-            batch = []
-            while len(batch) < requests_per_batch and request < max_requests:
-                if request not in done_requests:
-                    batch.append(request)
-                request += 1
-            if not batch:
+        for number, first in enumerate(range(0, max_requests, requests_per_batch)):
+            if len(kept) >= target:
+                break
+            batch = list(range(first, min(first + requests_per_batch, max_requests)))
+            if all(r in decisions for r in batch):
                 continue
             shown = {r: few_shot_examples(seed_prompts, r, few_shot, seed) for r in batch}
             ids = [encode_prompt(tokenizer, template.fill(examples=render_examples(shown[r]))) for r in batch]
-            samples = engine.generate(ids, 1, sampling)
+            samples = engine.generate(ids, 1, sampling, seed=seed * 104729 + number)
             for r, group in zip(batch, samples):
                 if len(kept) >= target:
                     break
+                if r in decisions:
+                    continue
                 text = extract_new_prompt(tokenizer.decode(group[0].token_ids, skip_special_tokens=True))
                 reason = filt.check(text or "", shown[r])
                 if reason is None:
                     record = {"id": f"{id_prefix}{r}", "prompt": text, "request": r}
-                    out.write(record)
+                    out.write(record)  # the record first: a request with a record is decided
                     kept.append(record)
                     bar.update(1)
                 dec.write({"request": r, "reason": reason or "kept"})
-                decisions.append({"request": r, "reason": reason or "kept"})
+                decisions[r] = reason or "kept"
     bar.close()
     stats = {"kept": len(kept), "requests": len(decisions), "seconds": round(time.time() - start, 1)}
-    for d in decisions:
-        if d["reason"] != "kept":
-            stats[f"dropped_{d['reason']}"] = stats.get(f"dropped_{d['reason']}", 0) + 1
+    for reason in decisions.values():
+        if reason != "kept":
+            stats[f"dropped_{reason}"] = stats.get(f"dropped_{reason}", 0) + 1
     if len(kept) < target:
         log.warning("prompt generation kept %d of %d prompts after %d requests", len(kept), target, max_requests)
     return stats
@@ -133,76 +133,85 @@ def harvest_logp(tokenizer, sample) -> Optional[float]:
 
 def generate_candidates(engine: Engine, tokenizer, prompts: Sequence[dict], out_path: Path, *, n: int = 4,
                         sampling: Sampling = Sampling(0.7, 0.9, 256), show_progress: bool = True) -> dict:
-    """``n`` responses per prompt record ``{id, prompt}``, appended as each batch of prompts completes."""
+    """``n`` responses per prompt record ``{id, prompt}``, appended as each batch of prompts completes.
+
+    Empty responses are recorded (``"empty": true``) so that a rerun knows they were made; they are
+    never judged or paired.
+    """
     out_path = Path(out_path)
     have = existing(out_path)
     seen = {r["id"] for r in have}
-    todo = [p for p in prompts if any(f"{p['id']}-c{k}" not in seen for k in range(n))]
-    stats = {"prompts": len(prompts), "candidates": len(have), "empty": 0, "unfinished": 0, "harvested_logp": 0}
+    cid = lambda i, k: f"{prompts[i]['id']}-c{k}"  # noqa: E731
     bar = Progress("candidates", len(prompts) * n, len(have), show_progress)
-    start = time.time()
-    tokens = 0
+    start, tokens = time.time(), 0
     with JsonlAppender(out_path) as out:
         def on_batch(indices, groups):
             nonlocal tokens
             rows = []
             for i, group in zip(indices, groups):
-                p = todo[i]
                 for k, sample in enumerate(group):
-                    cid = f"{p['id']}-c{k}"
-                    if cid in seen:
+                    if cid(i, k) in seen:
                         continue
-                    text = tokenizer.decode(sample.token_ids, skip_special_tokens=True)
                     tokens += len(sample.token_ids)
-                    if not text.strip():
-                        stats["empty"] += 1
-                        seen.add(cid)
-                        continue
-                    logp = harvest_logp(tokenizer, sample)
-                    stats["unfinished"] += not sample.finished
-                    stats["harvested_logp"] += logp is not None
-                    rows.append({"id": cid, "prompt_id": p["id"], "prompt": p["prompt"], "candidate": k,
-                                 "response": tokenizer.decode(sample.token_ids[:-1] if sample.finished else sample.token_ids,
-                                                              skip_special_tokens=False),
-                                 "finished": sample.finished, "n_tokens": len(sample.token_ids), "logp": logp})
-                    seen.add(cid)
+                    body = sample.token_ids[:-1] if sample.finished else sample.token_ids
+                    response = tokenizer.decode(body, skip_special_tokens=False)
+                    rows.append({"id": cid(i, k), "prompt_id": prompts[i]["id"], "prompt": prompts[i]["prompt"],
+                                 "candidate": k, "response": response, "finished": sample.finished,
+                                 "n_tokens": len(sample.token_ids), "logp": harvest_logp(tokenizer, sample),
+                                 "empty": not response.strip()})
+                    seen.add(cid(i, k))
             out.write_many(rows)
-            stats["candidates"] += len(rows)
-            bar.update(sum(len(g) for g in groups))
+            bar.update(len(rows))
 
-        if todo:
-            engine.generate([encode_prompt(tokenizer, p["prompt"]) for p in todo], n, sampling, on_batch=on_batch)
+        if any(cid(i, k) not in seen for i in range(len(prompts)) for k in range(n)):
+            engine.generate([encode_prompt(tokenizer, p["prompt"]) for p in prompts], n, sampling, on_batch=on_batch,
+                            skip=lambda chunk: all(cid(i, k) in seen for i in chunk for k in range(n)))
     bar.close()
+    rows = existing(out_path)
     seconds = time.time() - start
-    stats["seconds"] = round(seconds, 1)
-    stats["tokens_per_s"] = round(tokens / seconds, 1) if seconds > 0 and tokens else None
-    return stats
+    return {"prompts": len(prompts), "candidates": len(rows), "empty": sum(bool(r.get("empty")) for r in rows),
+            "unfinished": sum(not r["finished"] for r in rows),
+            "harvested_logp": sum(r.get("logp") is not None for r in rows), "seconds": round(seconds, 1),
+            "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 and tokens else None}
 
 
 # -- 3. judging ------------------------------------------------------------------------------------
-def judge_candidates(judge: Judge, candidates: Sequence[dict], out_path: Path, *, chunk: int = 64,
+def judge_candidates(judge: Judge, candidates: Sequence[dict], out_path: Path, *, part: int = 64, seed: int = 0,
                      show_progress: bool = True) -> dict:
-    """One judgement record per candidate: ``{id, prompt_id, score, scores, outputs?}``."""
+    """One judgement record per candidate: ``{id, prompt_id, score, scores, outputs?}``.
+
+    Candidates are judged in fixed parts with fixed seeds, so a resumed run judges the rest exactly
+    as an uninterrupted run would.
+    """
     out_path = Path(out_path)
     have = existing(out_path)
     seen = {r["id"] for r in have}
-    todo = [c for c in candidates if c["id"] not in seen]
     bar = Progress("judging", len(candidates), len(have), show_progress)
     start = time.time()
     with JsonlAppender(out_path) as out:
-        for begin in range(0, len(todo), chunk):
-            part = todo[begin:begin + chunk]
+        empty = [c for c in candidates if c.get("empty") and c["id"] not in seen]
+        out.write_many([{"id": c["id"], "prompt_id": c["prompt_id"], "score": None, "scores": [], "skipped": "empty"}
+                        for c in empty])
+        seen.update(c["id"] for c in empty)
+        judged = [c for c in candidates if not c.get("empty")]
+        for number, begin in enumerate(range(0, len(judged), part)):
+            items = judged[begin:begin + part]
+            if all(c["id"] in seen for c in items):
+                continue
 
-            def on_batch(indices, results, part=part):
-                out.write_many([{"id": part[i]["id"], "prompt_id": part[i]["prompt_id"], **res.to_json()}
-                                for i, res in zip(indices, results)])
-                bar.update(len(indices))
+            def on_batch(indices, results, items=items):
+                rows = [{"id": items[i]["id"], "prompt_id": items[i]["prompt_id"], **res.to_json()}
+                        for i, res in zip(indices, results) if items[i]["id"] not in seen]
+                out.write_many(rows)
+                seen.update(r["id"] for r in rows)
+                bar.update(len(rows))
 
-            judge.score([(c["prompt"], c["response"]) for c in part], on_batch=on_batch)
+            judge.score([(c["prompt"], c["response"]) for c in items], on_batch=on_batch,
+                        skip=lambda chunk, items=items: all(items[i]["id"] in seen for i in chunk),
+                        seed=seed * 104729 + number)
     bar.close()
     rows = existing(out_path)
-    n_samples = sum(len(r["scores"]) for r in rows)
-    return {"judged": len(rows), "samples": n_samples,
+    return {"judged": len(rows), "samples": sum(len(r["scores"]) for r in rows),
             "unparsed_samples": sum(s is None for r in rows for s in r["scores"]),
             "unscored": sum(r["score"] is None for r in rows), "seconds": round(time.time() - start, 1)}
 
