@@ -448,6 +448,13 @@ def lightning_trainer(steps: int, clock, root: str):
                      limit_val_batches=0, callbacks=[clock], default_root_dir=root)
 
 
+def hf_quiet(trainer) -> None:
+    """Drop the callback that prints every step's log dict (disable_tqdm swaps the bar for it)."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+
+
 def hf_args(config_cls, root: str, steps: int, batch: int, lr: float, **extra):
     # bf16 and gradient checkpointing are TRL's defaults; srlm runs fp32 without checkpointing on CPU,
     # so TRL gets the same (bf16 autocast is several times slower on CPU, which would flatter srlm).
@@ -494,8 +501,8 @@ def section_sft(model_path: str, sizes: Sizes) -> Result:
     res = Result()
     tmp = tempfile.mkdtemp(prefix="srlm-bench-sft-")
     ift = ["seed:ift.jsonl"] if (SEED_DIR / "ift.jsonl").exists() else []
-    dm_args = dict(ift_files=ift, eft_files=["seed:eft_train.jsonl"], max_length=512, batch_size=4, val_fraction=0.0,
-                   seed=0)
+    dm_args = dict(ift_files=ift, eft_files=["seed:eft_train.jsonl"], max_length=512, max_prompt_length=384,
+                   batch_size=4, val_fraction=0.0, seed=0)
     examples = SFTDataModule(**dm_args).examples()
     tok = load_tokenizer(model_path)
     lr = 2e-4
@@ -514,6 +521,7 @@ def section_sft(model_path: str, sizes: Sizes) -> Result:
         clock, collator = hf_clock(), RecordingCollator(trainer.data_collator)
         trainer.data_collator = collator
         trainer.add_callback(clock)
+        hf_quiet(trainer)
         with PeakRSS() as mem, quiet():
             trainer.train()
         n = sizes.sft_steps
@@ -615,6 +623,7 @@ def section_dpo(model_path: str, sizes: Sizes) -> Result:
                 mem.start = rss_mb()  # count the trainer's own memory, not the weights both sides load
                 trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                                      peft_config=lora_config(), callbacks=[clock])
+                hf_quiet(trainer)
                 if precompute and timer["batches"] == 0:
                     raise RuntimeError("TRL found cached reference log-probs: the precompute was not measured")
                 trainer.train()
@@ -631,7 +640,8 @@ def section_dpo(model_path: str, sizes: Sizes) -> Result:
     def run_srlm(name: str, file: Path, precompute: bool) -> tuple[dict, DPOModule]:
         module = DPOModule(backbone_config(model_path), OptimConfig(lr=lr), beta=beta, precompute_reference=precompute,
                            export_dir=f"{tmp}/adapter-{name}")
-        dm = PreferenceDataModule(pair_files=[str(file)], max_length=512, batch_size=batch, val_fraction=0.0, seed=0)
+        dm = PreferenceDataModule(pair_files=[str(file)], max_length=512, max_prompt_length=256, batch_size=batch,
+                                  val_fraction=0.0, seed=0)
         timer = {"seconds": 0.0}
         original = module.on_fit_start
 
@@ -702,11 +712,19 @@ RUNNERS = {"generation": section_generation, "judging": section_judging, "sft": 
 
 def run_child(name: str, model_path: str, sizes: Sizes, out: Path) -> None:
     """Run one section in this process and write its rows and details (plus this process's peak RSS) to ``out``."""
-    logging.basicConfig(level=logging.WARNING)
-    for noisy in ("lightning", "lightning.pytorch", "transformers", "datasets", "srlm"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TQDM_DISABLE", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import lightning  # noqa: F401  (imported first: it sets its loggers' levels on import)
     import torch
+    from transformers.utils import logging as hf_logging
+
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "datasets", "srlm"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
     torch.manual_seed(0)
     t0 = time.perf_counter()

@@ -46,6 +46,9 @@ EXTRA_COMMANDS = {
     "generate-candidates": "srlm.selfreward.commands:generate_candidates",
     "judge": "srlm.selfreward.commands:judge",
     "make-pairs": "srlm.selfreward.commands:make_pairs",
+    "evaluate": "srlm.evaluation.reward:evaluate_reward",
+    "head-to-head": "srlm.evaluation.head_to_head:compare",
+    "report": "srlm.evaluation.report:write_report",
 }
 
 

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from srlm.data.datamodule import SFTDataModule
 from srlm.models.sft import SFTModule
-from srlm.selfreward.config import DPORoundConfig, SelfRewardConfig
+from srlm.selfreward.config import DPORoundConfig, EvalConfig, SelfRewardConfig
 
 
 def default_loggers(root: str) -> list:
@@ -45,7 +45,8 @@ class SRLMTrainer(Trainer):
 
     def loop(self, model: SFTModule, datamodule: Optional[SFTDataModule] = None, run_dir: str = "runs/loop",
              iterations: int = 2, m1_adapter: Optional[str] = None, self_reward: Optional[SelfRewardConfig] = None,
-             dpo: Optional[DPORoundConfig] = None, checkpoint_every: int = 10, force: bool = False) -> dict:
+             dpo: Optional[DPORoundConfig] = None, evaluation: Optional[EvalConfig] = None,
+             checkpoint_every: int = 10, force: bool = False) -> dict:
         """Run the self-rewarding loop: M1 by SFT, then T iterations of self-instruction creation and DPO.
 
         Args:
@@ -56,10 +57,12 @@ class SRLMTrainer(Trainer):
             m1_adapter: an existing M1 adapter folder; skips the SFT phase.
             self_reward: prompt generation, candidates, judging and pair settings.
             dpo: DPO round settings.
+            evaluation: reward-modelling and head-to-head evaluation of each model, and the report.
             checkpoint_every: save a resumable checkpoint every this many training steps.
             force: continue a run folder whose saved config differs from this one.
         """
         from srlm.selfreward.loop import run_loop
 
         return run_loop(self, model, datamodule or SFTDataModule(), run_dir, iterations, m1_adapter,
-                        self_reward or SelfRewardConfig(), dpo or DPORoundConfig(), checkpoint_every, force)
+                        self_reward or SelfRewardConfig(), dpo or DPORoundConfig(), checkpoint_every, force,
+                        evaluation or EvalConfig())

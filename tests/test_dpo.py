@@ -111,7 +111,7 @@ def test_precomputed_and_on_the_fly_reference_agree(tiny_model, tmp_path):
 
 def test_high_lr_drives_reward_accuracy_to_one(tiny_model, tmp_path):
     L.seed_everything(0)
-    module = make(tiny_model, lr=2e-2)
+    module = make(tiny_model, lr=5e-3)
     path = write_pairs(tmp_path / "p.jsonl", 4)
     dm = PreferenceDataModule(pair_files=[path], batch_size=4, val_files=[path])
     margins = []
@@ -121,7 +121,7 @@ def test_high_lr_drives_reward_accuracy_to_one(tiny_model, tmp_path):
             margins.append((trainer.callback_metrics["val/rewards/margins"].item(),
                             trainer.callback_metrics["val/rewards/accuracies"].item()))
 
-    trainer = L.Trainer(max_epochs=12, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_epochs=15, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, num_sanity_val_steps=0, callbacks=[Record()],
                         default_root_dir=tmp_path)
     trainer.fit(module, datamodule=dm)

@@ -13,7 +13,7 @@ from srlm.data.datamodule import SFTDataModule
 from srlm.data.records import JsonlAppender
 from srlm.models.backbone import BackboneConfig
 from srlm.models.sft import SFTModule
-from srlm.selfreward.config import DPORoundConfig, SelfRewardConfig
+from srlm.selfreward.config import DPORoundConfig, EvalConfig, SelfRewardConfig
 from srlm.selfreward.engine import Sampling
 from srlm.selfreward.rundir import RunConfigMismatch
 from srlm.trainer import SRLMTrainer
@@ -32,7 +32,8 @@ def run_loop(tiny_model, run_dir, iterations=1, judge_mode="logit", **overrides)
                                    prompt_sampling=Sampling(1.0, 1.0, 16), candidate_sampling=Sampling(1.0, 1.0, 12),
                                    judge_sampling=Sampling(1.0, 1.0, 6), batch_size=2, **overrides)
     return trainer.loop(model, data, run_dir=str(run_dir), iterations=iterations, self_reward=self_reward,
-                        dpo=DPORoundConfig(max_steps=2, max_length=256, max_prompt_length=128), checkpoint_every=1)
+                        dpo=DPORoundConfig(max_steps=2, max_length=256, max_prompt_length=128), checkpoint_every=1,
+                        evaluation=EvalConfig(max_prompts=3, h2h_prompts=2, max_new_tokens=8))
 
 
 def records(path):
@@ -61,6 +62,13 @@ def test_loop_runs_every_phase_and_writes_every_artifact(tiny_model, tmp_path):
     files = manifest["phases"]["iter_1/candidates"]["files"]
     assert files["iter_1/candidates.jsonl"]["records"] == 12 and len(files["iter_1/candidates.jsonl"]["sha256"]) == 64
     assert Path(manifest["final_model"]) == run / "iter_2" / "model"
+    for name in ("m1", "iter_1", "iter_2"):  # each model measured; each DPO round head-to-head against its reference
+        metrics = json.loads((run / name / "eval" / "reward_metrics.json").read_text())
+        assert metrics["n_prompts"] == 3 and 0.0 <= metrics["pairwise_accuracy"] <= 1.0
+    assert manifest["phases"]["h2h/iter_2"]["counts"]["against"] == "M2"
+    report = (run / "report.md").read_text()
+    assert "Iteration 2" in report or "iter_2" in report
+    assert list((run / "plots").glob("*.png"))
 
 
 class Interrupt(Exception):

@@ -76,3 +76,29 @@ class DPORoundConfig:
     """Stop after this many steps (-1: no limit)."""
     precompute_reference: bool = True
     """Reference log-probs in one pass before training (harvested ones need none)."""
+
+
+@dataclass
+class EvalConfig:
+    """Measuring each model of the loop: reward modelling on held-out ranked replies, and head-to-head."""
+
+    enabled: bool = True
+    """Evaluate M1 and every M_{t+1}, and write report.md with plots."""
+    eval_file: str = "seed:eft_eval.jsonl"
+    """Held-out questions with human-ranked replies (ranked jsonl or an OpenAssistant export)."""
+    max_prompts: Optional[int] = None
+    """Evaluate on at most this many questions (None: all)."""
+    judge_mode: str = "logit"
+    """Judge used for the reward metrics: logit (one pass) or generative (k samples)."""
+    judge_samples: int = 3
+    """Judge samples per reply in generative mode."""
+    h2h_prompts: int = 8
+    """Held-out prompts for M_{t+1} vs M_t head-to-head (0 turns it off)."""
+    h2h_prompts_file: str = "seed:eft_eval.jsonl"
+    """Where the head-to-head prompts come from."""
+    h2h_judge_model: Optional[str] = None
+    """The head-to-head judge (a hub id, folder or embedded:...); None: the base model."""
+    h2h_judge_mode: str = "logit"
+    """Head-to-head judge mode: logit or generative."""
+    max_new_tokens: int = 128
+    """Longest response (greedy) in head-to-head."""

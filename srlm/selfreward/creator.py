@@ -4,6 +4,12 @@
 iteration's prompts, candidates, judgements and pairs (the next AIFT set), skipping phases the
 manifest marks done and resuming a phase cut short. ``SelfRewardCallback`` runs it at the end of
 the fit that produced M_t; the loop calls it directly when that fit had already finished.
+
+Under several processes every rank runs ``run`` (each generates and judges its share of the fixed
+batches, see steps.py) while rank 0 alone writes files and logs; give it a
+``distributed.SharedRunDir`` so that every rank sees the phases rank 0 marks done. Generation
+runs on its own non-sharded copy of M_t loaded from the exported folder, never on the training
+module, so it needs no collective forward.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from srlm.data.datamodule import load_sft_file
 from srlm.data.records import write_json, write_jsonl
 from srlm.models.backbone import BackboneConfig, load_for_inference, load_tokenizer
 from srlm.prompts import load_template
+from srlm.selfreward import distributed as dist
 from srlm.selfreward import steps
 from srlm.selfreward.config import SelfRewardConfig
 from srlm.selfreward.engine import Engine
@@ -64,11 +71,13 @@ class InstructionCreator:
 
     def _log(self, name: str, stats: dict) -> None:
         self.summary[name] = stats
-        log.info("iter %d %s: %s", self.t, name, ", ".join(f"{k}={v}" for k, v in stats.items()))
+        if dist.is_rank0():
+            log.info("iter %d %s: %s", self.t, name, ", ".join(f"{k}={v}" for k, v in stats.items()))
 
     def run(self, model_dir: str | Path) -> dict:
         """Write this iteration's AIFT data with M_t from ``model_dir``; returns the per-phase summaries."""
         c, model_dir = self.config, str(model_dir)
+        dist.barrier()  # rank 0 has exported M_t
         self.dir.mkdir(parents=True, exist_ok=True)
         files = {p: self.dir / f"{p}.jsonl" for p in PHASES}
         current = None
@@ -80,7 +89,8 @@ class InstructionCreator:
             stats = steps.generate_prompts(engine, tok, seed_prompts, load_template(c.prompt_template, "examples"),
                                            files["prompts"], target=c.num_prompts, max_requests=c.max_requests,
                                            few_shot=c.few_shot, sampling=c.prompt_sampling, seed=c.seed + self.t,
-                                           id_prefix=f"t{self.t}-p", show_progress=self.show_progress)
+                                           id_prefix=f"t{self.t}-p", requests_per_batch=c.batch_size,
+                                           show_progress=self.show_progress)
             self._log("prompts", stats)
             self.run_dir.mark_done(self.phase("prompts"), stats, [files["prompts"]])
         prompts = steps.existing(files["prompts"])
@@ -107,12 +117,15 @@ class InstructionCreator:
                 scores = {j["id"]: j["score"] for j in judgements}
                 positives = positive_examples([{**cand, "candidate_id": cand["id"], "score": scores.get(cand["id"])}
                                                for cand in candidates], min_score=c.positive_min_score)
-                stats["positive_examples"] = write_jsonl(self.dir / "positives.jsonl", positives)
+                stats["positive_examples"] = len(positives)
+                if dist.is_rank0():
+                    write_jsonl(self.dir / "positives.jsonl", positives)
                 written.append(self.dir / "positives.jsonl")
             self._log("pairs", stats)
             self.run_dir.mark_done(self.phase("pairs"), stats, written)
         summary = {p: self.run_dir.info(self.phase(p)).get("counts", {}) for p in PHASES}
-        write_json(self.dir / "metrics.json", {"iteration": self.t, "model": model_dir, **summary})
+        if dist.is_rank0():
+            write_json(self.dir / "metrics.json", {"iteration": self.t, "model": model_dir, **summary})
         return summary
 
 

@@ -4,6 +4,10 @@ Each phase runs on a fresh Trainer (re-calling ``fit`` on a used Trainer is frag
 itself done in the run's manifest; a rerun of the same command skips finished phases, resumes a
 cut-short fit from its ``last.ckpt`` and a cut-short generation or judging step from its records.
 The generation and judging step is a Callback on the fit that produced M_t.
+
+Under a multi-process strategy (``--trainer.strategy=ddp``) every rank runs ``run_loop``: the
+processes and the process group start here, before the first phase, and stay for every later
+Trainer; rank 0 alone writes the run folder (see srlm/selfreward/distributed.py).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from lightning.pytorch.cli import SaveConfigCallback
 from srlm.data.datamodule import PreferenceDataModule, SFTDataModule
 from srlm.models.dpo import DPOModule
 from srlm.models.sft import SFTModule
-from srlm.selfreward.config import DPORoundConfig, SelfRewardConfig
+from srlm.selfreward.config import DPORoundConfig, EvalConfig, SelfRewardConfig
+from srlm.selfreward import distributed as dist
 from srlm.selfreward.creator import InstructionCreator, SelfRewardCallback
 from srlm.selfreward.rundir import RunDir
 
@@ -57,17 +62,47 @@ def fit_phase(trainer, module, datamodule, root: Path) -> None:
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
 
 
+@dist.on_rank0
+def evaluate_phase(run: RunDir, name: str, model_dir, ev: EvalConfig, batch_size: int,
+                   previous: Optional[tuple[str, Path]] = None) -> None:
+    """Reward metrics of the model in ``model_dir`` (phase ``eval/<name>``) and, given the previous model,
+    head-to-head against it (``h2h/<name>``). Each is skipped when its phase is done."""
+    from srlm.evaluation.head_to_head import compare
+    from srlm.evaluation.loading import load_engine, release
+    from srlm.evaluation.reward import evaluate_reward_with, load_ranked
+
+    if not run.done(f"eval/{name}"):
+        engine, tok = load_engine(str(model_dir), batch_size=batch_size)
+        metrics = evaluate_reward_with(engine, tok, load_ranked(ev.eval_file, ev.max_prompts), run.root / name / "eval",
+                                       judge_mode=ev.judge_mode, samples=ev.judge_samples, model=str(model_dir))
+        release(engine)
+        run.mark_done(f"eval/{name}", metrics)
+    if previous is not None and ev.h2h_prompts > 0 and not run.done(f"h2h/{name}"):
+        label, prev_dir = previous
+        summary = compare(str(model_dir), model_b=str(prev_dir), prompts_file=ev.h2h_prompts_file,
+                          output_dir=str(run.root / name / "h2h"),
+                          judge_model=ev.h2h_judge_model or str(run.manifest.get("base_model")),
+                          judge_mode=ev.h2h_judge_mode, max_prompts=ev.h2h_prompts,
+                          max_new_tokens=ev.max_new_tokens, batch_size=batch_size)
+        run.mark_done(f"h2h/{name}", {**summary, "against": label})
+
+
 def run_loop(trainer: "SRLMTrainer", model: SFTModule, datamodule: SFTDataModule, run_dir: str, iterations: int,
              m1_adapter: Optional[str], self_reward: SelfRewardConfig, dpo: DPORoundConfig, checkpoint_every: int,
-             force: bool) -> dict:
-    run = RunDir(run_dir)
+             force: bool, evaluation: Optional[EvalConfig] = None) -> dict:
+    dist.check_loop_strategy(trainer)
+    dist.ensure_process_group(trainer)  # every rank runs this function from here on, rank 0 writes
+    run = dist.SharedRunDir(run_dir)
     run.claim(config_text(trainer, {"run_dir": run_dir, "iterations": iterations, "m1_adapter": m1_adapter,
                                     "self_reward": dataclasses.asdict(self_reward), "dpo": dataclasses.asdict(dpo)}),
               trainer.world_size, force)
     backbone = model.backbone_config
+    run.manifest["base_model"] = backbone.model_name_or_path
+    ev = evaluation or EvalConfig()
 
     def creator_for(t: int) -> InstructionCreator:
-        return InstructionCreator(self_reward, run, t, backbone, show_progress=trainer.is_global_zero)
+        return InstructionCreator(self_reward, run, t, backbone, device=trainer.strategy.root_device,
+                                  show_progress=dist.is_rank0())
 
     # M1: SFT on IFT + EFT (or an M1 given by the user), with iteration 1's creation as its callback.
     if m1_adapter:
@@ -83,6 +118,8 @@ def run_loop(trainer: "SRLMTrainer", model: SFTModule, datamodule: SFTDataModule
             callbacks = [SelfRewardCallback(pending)] if pending else []
             fit_phase(phase_trainer(trainer, root, checkpoint_every, callbacks), model, datamodule, root)
             run.mark_done("m1", {"train_examples": len(datamodule.train_dataset)})
+    if ev.enabled:
+        evaluate_phase(run, "m1", model_dir, ev, self_reward.batch_size)
     for t in range(1, iterations + 1):
         creator = pending or creator_for(t)
         if not creator.complete():
@@ -92,7 +129,9 @@ def run_loop(trainer: "SRLMTrainer", model: SFTModule, datamodule: SFTDataModule
         next_creator = creator_for(t + 1) if t < iterations else None
         pending = next_creator
         if run.done(phase):
-            model_dir = Path(run.info(phase)["counts"]["model"])
+            previous, model_dir = (f"M{t}", model_dir), Path(run.info(phase)["counts"]["model"])
+            if ev.enabled and run.info(phase)["counts"].get("pairs"):
+                evaluate_phase(run, f"iter_{t}", model_dir, ev, self_reward.batch_size, previous)
             continue
         n_pairs = run.info(f"iter_{t}/pairs").get("counts", {}).get("pairs", 0)
         # Each phase seeds itself: a resumed run reaches it with another RNG state than a fresh one.
@@ -114,10 +153,17 @@ def run_loop(trainer: "SRLMTrainer", model: SFTModule, datamodule: SFTDataModule
         phase_tr = phase_trainer(trainer, root, checkpoint_every, callbacks, max_epochs=dpo.max_epochs,
                                  max_steps=dpo.max_steps)
         fit_phase(phase_tr, module, data, root)
+        previous = (f"M{t}", model_dir)
         model_dir = it_dir / "model"
         run.mark_done(phase, {"pairs": n_pairs, "model": str(model_dir), "steps": phase_tr.global_step})
+        if ev.enabled:
+            evaluate_phase(run, f"iter_{t}", model_dir, ev, self_reward.batch_size, previous)
     run.manifest["final_model"] = str(model_dir)
     run.save()
+    if ev.enabled and dist.is_rank0():
+        from srlm.evaluation.report import write_report
+
+        log.info("report: %s", write_report(str(run.root)))
     return run.manifest
 
 

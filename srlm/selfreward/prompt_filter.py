@@ -176,6 +176,8 @@ def _not_a_task(text: str) -> bool:
     if sum(c.isalpha() for c in chars) < 0.5 * len(chars):
         return True
     low = text.lower()
+    if text.rstrip().endswith(":"):
+        return True  # a lead-in ("The answer to the new task is:"), not a task
     return any(marker in low for marker in _RESIDUE)
 
 

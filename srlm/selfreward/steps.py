@@ -11,19 +11,26 @@ the file exactly once. A torn last line from a kill is dropped on reopening (Jso
    model (the next DPO round's reference) when the text re-tokenises to the sampled tokens.
 3. ``judge_candidates``: the judge's score for every candidate.
 4. ``make_pairs``: best against worst per prompt; ties and unscored candidates handled in pairs.py.
+
+Under several processes (``torch.distributed`` initialised) the fixed batches of steps 1-3 are
+shared out, batch k to rank k % world, each batch keeping its seed; the records of each round of
+batches are gathered to every rank (srlm.selfreward.distributed) and rank 0 alone writes them. The
+files hold the same records as a one-process run; resume needs the same number of processes.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from srlm.data.chat import encode_prompt
-from srlm.data.records import JsonlAppender, iter_jsonl, write_jsonl
+from srlm.data.records import iter_jsonl, write_jsonl
 from srlm.prompts import PromptTemplate
+from srlm.selfreward import distributed as dist
 from srlm.selfreward.engine import Engine, Sampling
 from srlm.selfreward.judge import Judge
 from srlm.selfreward.pairs import build_pairs
@@ -41,7 +48,7 @@ class Progress:
 
     def __init__(self, desc: str, total: int, initial: int = 0, enabled: bool = True):
         self.bar = None
-        if enabled:
+        if enabled and dist.is_rank0():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit="rec", dynamic_ncols=True)
@@ -62,7 +69,12 @@ def few_shot_examples(seed_prompts: Sequence[str], request: int, k: int, seed: i
 
 
 def render_examples(examples: Sequence[str]) -> str:
-    return "\n\n".join(f"Task: {e.strip()}" for e in examples)
+    return "\n\n".join(f"Task {i}: {e.strip()}" for i, e in enumerate(examples, start=1))
+
+
+def next_task_cue(examples: Sequence[str]) -> str:
+    """Forced start of the answer: small chat models otherwise reply *about* the list instead of extending it."""
+    return f"Task {len(examples) + 1}:"
 
 
 def generate_prompts(engine: Engine, tokenizer, seed_prompts: Sequence[str], template: PromptTemplate, out_path: Path,
@@ -73,6 +85,8 @@ def generate_prompts(engine: Engine, tokenizer, seed_prompts: Sequence[str], tem
 
     Requests are processed in fixed batches with fixed seeds, in order: a resumed run skips the
     requests already decided (logged, or kept) and reaches the same prompts as an uninterrupted one.
+    Under several ranks, a round runs one pending batch per rank; the texts are gathered and every
+    rank applies the filter to them in batch order, as one process would.
     """
     out_path = Path(out_path)
     template.require("examples")
@@ -86,30 +100,37 @@ def generate_prompts(engine: Engine, tokenizer, seed_prompts: Sequence[str], tem
         filt.remember(r["prompt"])
     bar = Progress("prompts", target, len(kept), show_progress)
     start = time.time()
-    with JsonlAppender(out_path) as out, JsonlAppender(decisions_path) as dec:
-        for number, first in enumerate(range(0, max_requests, requests_per_batch)):
-            if len(kept) >= target:
+    batches = [list(range(first, min(first + requests_per_batch, max_requests)))
+               for first in range(0, max_requests, requests_per_batch)]
+    pending = [(number, batch) for number, batch in enumerate(batches) if not all(r in decisions for r in batch)]
+    world, rank = dist.world_size(), dist.rank()
+    with dist.appender(out_path) as out, dist.appender(decisions_path) as dec:
+        for first in range(0, len(pending), world):
+            if len(kept) >= target:  # the same on every rank: all see the same gathered texts
                 break
-            batch = list(range(first, min(first + requests_per_batch, max_requests)))
-            if all(r in decisions for r in batch):
-                continue
-            shown = {r: few_shot_examples(seed_prompts, r, few_shot, seed) for r in batch}
-            ids = [encode_prompt(tokenizer, template.fill(examples=render_examples(shown[r]))) for r in batch]
-            samples = engine.generate(ids, 1, sampling, seed=seed * 104729 + number)
-            for r, group in zip(batch, samples):
-                if len(kept) >= target:
-                    break
-                if r in decisions:
-                    continue
-                text = extract_new_prompt(tokenizer.decode(group[0].token_ids, skip_special_tokens=True))
-                reason = filt.check(text or "", shown[r])
-                if reason is None:
-                    record = {"id": f"{id_prefix}{r}", "prompt": text, "request": r}
-                    out.write(record)  # the record first: a request with a record is decided
-                    kept.append(record)
-                    bar.update(1)
-                dec.write({"request": r, "reason": reason or "kept"})
-                decisions[r] = reason or "kept"
+            texts = None
+            if first + rank < len(pending):  # this round's batches: one per rank
+                number, batch = pending[first + rank]
+                shown = {r: few_shot_examples(seed_prompts, r, few_shot, seed) for r in batch}
+                ids = [encode_prompt(tokenizer, template.fill(examples=render_examples(shown[r])))
+                       + tokenizer(next_task_cue(shown[r]), add_special_tokens=False)["input_ids"] for r in batch]
+                samples = engine.generate(ids, 1, sampling, seed=seed * 104729 + number)
+                texts = [extract_new_prompt(tokenizer.decode(group[0].token_ids, skip_special_tokens=True))
+                         for group in samples]
+            for (_, batch), batch_texts in zip(pending[first:first + world], dist.all_gather(texts)):
+                for r, text in zip(batch, batch_texts):
+                    if len(kept) >= target:
+                        break
+                    if r in decisions:
+                        continue
+                    reason = filt.check(text or "", few_shot_examples(seed_prompts, r, few_shot, seed))
+                    if reason is None:
+                        record = {"id": f"{id_prefix}{r}", "prompt": text, "request": r}
+                        out.write(record)  # the record first: a request with a record is decided
+                        kept.append(record)
+                        bar.update(1)
+                    dec.write({"request": r, "reason": reason or "kept"})
+                    decisions[r] = reason or "kept"
     bar.close()
     stats = {"kept": len(kept), "requests": len(decisions), "seconds": round(time.time() - start, 1)}
     for reason in decisions.values():
@@ -118,6 +139,18 @@ def generate_prompts(engine: Engine, tokenizer, seed_prompts: Sequence[str], tem
     if len(kept) < target:
         log.warning("prompt generation kept %d of %d prompts after %d requests", len(kept), target, max_requests)
     return stats
+
+
+def shard_skip(done: Callable[[list[int]], bool]) -> Callable[[list[int]], bool]:
+    """``skip`` for an Engine call under several ranks: the engine asks once per fixed batch, in order,
+    so the k-th question is batch k, which this rank runs when k % world == rank and it is not done."""
+    numbers = itertools.count()
+
+    def skip(chunk: list[int]) -> bool:
+        number = next(numbers)  # counted on every call, run or skipped
+        return not dist.mine(number) or done(chunk)
+
+    return skip
 
 
 # -- 2. candidates ---------------------------------------------------------------------------------
@@ -144,29 +177,36 @@ def generate_candidates(engine: Engine, tokenizer, prompts: Sequence[dict], out_
     cid = lambda i, k: f"{prompts[i]['id']}-c{k}"  # noqa: E731
     bar = Progress("candidates", len(prompts) * n, len(have), show_progress)
     start, tokens = time.time(), 0
-    with JsonlAppender(out_path) as out:
-        def on_batch(indices, groups):
+    with dist.appender(out_path) as out:
+        def on_rows(rows):  # every rank, with every rank's rows; rank 0 writes them
             nonlocal tokens
+            out.write_many(rows)
+            seen.update(r["id"] for r in rows)
+            tokens += sum(r["n_tokens"] for r in rows)
+            bar.update(len(rows))
+
+        gather = dist.RoundGather(on_rows)
+
+        def on_batch(indices, groups):
             rows = []
             for i, group in zip(indices, groups):
                 for k, sample in enumerate(group):
                     if cid(i, k) in seen:
                         continue
-                    tokens += len(sample.token_ids)
                     body = sample.token_ids[:-1] if sample.finished else sample.token_ids
                     response = tokenizer.decode(body, skip_special_tokens=False)
                     rows.append({"id": cid(i, k), "prompt_id": prompts[i]["id"], "prompt": prompts[i]["prompt"],
                                  "candidate": k, "response": response, "finished": sample.finished,
                                  "n_tokens": len(sample.token_ids), "logp": harvest_logp(tokenizer, sample),
                                  "empty": not response.strip()})
-                    seen.add(cid(i, k))
-            out.write_many(rows)
-            bar.update(len(rows))
+            gather.step(rows)
 
         if any(cid(i, k) not in seen for i in range(len(prompts)) for k in range(n)):
             engine.generate([encode_prompt(tokenizer, p["prompt"]) for p in prompts], n, sampling, on_batch=on_batch,
-                            skip=lambda chunk: all(cid(i, k) in seen for i in chunk for k in range(n)))
+                            skip=shard_skip(lambda chunk: all(cid(i, k) in seen for i in chunk for k in range(n))))
+            gather.finish()
     bar.close()
+    dist.barrier()  # rank 0 has written everything
     rows = existing(out_path)
     seconds = time.time() - start
     return {"prompts": len(prompts), "candidates": len(rows), "empty": sum(bool(r.get("empty")) for r in rows),
@@ -188,11 +228,18 @@ def judge_candidates(judge: Judge, candidates: Sequence[dict], out_path: Path, *
     seen = {r["id"] for r in have}
     bar = Progress("judging", len(candidates), len(have), show_progress)
     start = time.time()
-    with JsonlAppender(out_path) as out:
+    with dist.appender(out_path) as out:
         empty = [c for c in candidates if c.get("empty") and c["id"] not in seen]
         out.write_many([{"id": c["id"], "prompt_id": c["prompt_id"], "score": None, "scores": [], "skipped": "empty"}
                         for c in empty])
         seen.update(c["id"] for c in empty)
+
+        def on_rows(rows):  # every rank, with every rank's rows; rank 0 writes them
+            out.write_many(rows)
+            seen.update(r["id"] for r in rows)
+            bar.update(len(rows))
+
+        gather = dist.RoundGather(on_rows)
         judged = [c for c in candidates if not c.get("empty")]
         for number, begin in enumerate(range(0, len(judged), part)):
             items = judged[begin:begin + part]
@@ -200,16 +247,15 @@ def judge_candidates(judge: Judge, candidates: Sequence[dict], out_path: Path, *
                 continue
 
             def on_batch(indices, results, items=items):
-                rows = [{"id": items[i]["id"], "prompt_id": items[i]["prompt_id"], **res.to_json()}
-                        for i, res in zip(indices, results) if items[i]["id"] not in seen]
-                out.write_many(rows)
-                seen.update(r["id"] for r in rows)
-                bar.update(len(rows))
+                gather.step([{"id": items[i]["id"], "prompt_id": items[i]["prompt_id"], **res.to_json()}
+                             for i, res in zip(indices, results) if items[i]["id"] not in seen])
 
             judge.score([(c["prompt"], c["response"]) for c in items], on_batch=on_batch,
-                        skip=lambda chunk, items=items: all(items[i]["id"] in seen for i in chunk),
+                        skip=shard_skip(lambda chunk, items=items: all(items[i]["id"] in seen for i in chunk)),
                         seed=seed * 104729 + number)
+            gather.finish()
     bar.close()
+    dist.barrier()  # rank 0 has written everything
     rows = existing(out_path)
     return {"judged": len(rows), "samples": sum(len(r["scores"]) for r in rows),
             "unparsed_samples": sum(s is None for r in rows for s in r["scores"]),
@@ -218,7 +264,7 @@ def judge_candidates(judge: Judge, candidates: Sequence[dict], out_path: Path, *
 
 # -- 4. pairs --------------------------------------------------------------------------------------
 def make_pairs(candidates: Sequence[dict], judgements: Sequence[dict], out_path: Path, *, min_margin: float = 0.0) -> dict:
-    """Join candidates with their scores and write the preference pairs (atomically)."""
+    """Join candidates with their scores and write the preference pairs (atomically; rank 0 only)."""
     scores = {j["id"]: j["score"] for j in judgements}
     joined = [{"prompt_id": c["prompt_id"], "prompt": c["prompt"], "candidate_id": c["id"], "response": c["response"],
                "score": scores.get(c["id"]), "logp": c.get("logp")} for c in candidates]
@@ -228,5 +274,7 @@ def make_pairs(candidates: Sequence[dict], judgements: Sequence[dict], out_path:
         lc, lr = logps.get(pair["chosen_id"]), logps.get(pair["rejected_id"])
         if lc is not None and lr is not None:
             pair["ref_chosen_logp"], pair["ref_rejected_logp"] = lc, lr
-    write_jsonl(out_path, pairs)
+    if dist.is_rank0():
+        write_jsonl(out_path, pairs)
+    dist.barrier()
     return stats
