@@ -54,7 +54,7 @@ def test_loss_only_on_response_tokens(tiny_model):
     logits = model(input_ids=a["input_ids"], attention_mask=a["attention_mask"]).logits[0, :-1].float()
     target = a["input_ids"][0, 1:]
     lp = torch.log_softmax(logits, -1).gather(1, target[:, None])[:, 0][len(p1) - 1:]
-    torch.testing.assert_close(s1[0], lp.sum(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(s1[0], lp.double().sum(), atol=1e-4, rtol=1e-5)
 
 
 def test_sparse_head_equals_dense(tiny_model):

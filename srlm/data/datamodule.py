@@ -199,19 +199,23 @@ class TokenizedPairs(Dataset):
         self.pairs = pairs
         self.items = []
         for pair in pairs:
-            prompt, (chosen, rejected) = fit_lengths(
-                encode_prompt(tokenizer, pair.prompt),
-                [encode_response(tokenizer, pair.chosen), encode_response(tokenizer, pair.rejected)],
-                max_length, max_prompt_length, self.counts)
+            # Pairs from the loop carry the sampled token ids: train on exactly those tokens (their
+            # harvested log-probs then are the reference); otherwise tokenise the text.
+            ids = pair.extra.get("chosen_token_ids"), pair.extra.get("rejected_token_ids")
+            if ids[0] and ids[1]:
+                responses = [list(ids[0]), list(ids[1])]
+            else:
+                responses = [encode_response(tokenizer, pair.chosen), encode_response(tokenizer, pair.rejected)]
+            before = (self.counts.prompt, self.counts.response)
+            prompt, (chosen, rejected) = fit_lengths(encode_prompt(tokenizer, pair.prompt), responses, max_length,
+                                                     max_prompt_length, self.counts)
             ref = None
-            if "ref_chosen_logp" in pair.extra and "ref_rejected_logp" in pair.extra:
+            cut = (self.counts.prompt, self.counts.response) != before
+            if "ref_chosen_logp" in pair.extra and "ref_rejected_logp" in pair.extra and not cut:
+                # Stored log-probs hold for the uncut pair only: a cut pair gets a reference pass.
                 ref = (float(pair.extra["ref_chosen_logp"]), float(pair.extra["ref_rejected_logp"]))
             self.items.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "ref": ref})
         self.counts.report("preference data", len(pairs), max_length)
-        if self.counts.prompt or self.counts.response:
-            # Harvested/stored reference log-probs were computed on the untruncated text.
-            for item in self.items:
-                item["ref"] = None
 
     def __len__(self) -> int:
         return len(self.items)

@@ -96,10 +96,15 @@ class DPOModule(AdapterModule):
             return
         dm = self.trainer.datamodule
         for dataset in (dm.train_dataset, dm.val_dataset):
-            if dataset is None or dataset.has_reference:
+            if dataset is None:
                 continue
-            loader = torch.utils.data.DataLoader(dataset, batch_size=dm.eval_batch_size, collate_fn=dm.collate)
-            log.info("precomputing reference log-probs for %d pairs", len(dataset))
+            missing = [i for i, item in enumerate(dataset.items) if item["ref"] is None]
+            log.info("reference log-probs: %d pairs carry harvested ones, %d to compute", len(dataset) - len(missing),
+                     len(missing))
+            if not missing:
+                continue
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, missing), batch_size=dm.eval_batch_size,
+                                                 collate_fn=dm.collate)
             for batch in loader:
                 batch = self.trainer.strategy.batch_to_device(batch)
                 chosen, rejected = self.reference_logps(batch)

@@ -40,7 +40,8 @@ def response_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         logits = head(hidden[:, :-1][mask])
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][mask]
-    token_logps = -F.cross_entropy(logits.float(), targets[mask], reduction="none")
+    # Summed in float64: a few hundred float32 terms drift by ~1e-3, the tolerance reference log-probs need.
+    token_logps = -F.cross_entropy(logits.float(), targets[mask], reduction="none").double()
     rows = mask.nonzero(as_tuple=True)[0]
     sums = torch.zeros(input_ids.shape[0], dtype=token_logps.dtype, device=input_ids.device).index_add_(0, rows, token_logps)
     return sums, mask.sum(dim=1)

@@ -154,14 +154,11 @@ def shard_skip(done: Callable[[list[int]], bool]) -> Callable[[list[int]], bool]
 
 
 # -- 2. candidates ---------------------------------------------------------------------------------
-def harvest_logp(tokenizer, sample) -> Optional[float]:
-    """The sample's log-prob if DPO will see exactly these tokens (finished, and the text re-tokenises the same)."""
-    if not sample.finished:
-        return None
-    text = tokenizer.decode(sample.token_ids[:-1], skip_special_tokens=False)
-    if tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] != sample.token_ids:
-        return None
-    return sample.logp
+def retokenizes(tokenizer, sample) -> bool:
+    """Whether the decoded text tokenises back to the sampled tokens (BPE may pick another segmentation)."""
+    body = sample.token_ids[:-1] if sample.finished else sample.token_ids
+    ids = tokenizer(tokenizer.decode(body, skip_special_tokens=False), add_special_tokens=False)["input_ids"]
+    return ids == body
 
 
 def generate_candidates(engine: Engine, tokenizer, prompts: Sequence[dict], out_path: Path, *, n: int = 4,
@@ -195,10 +192,13 @@ def generate_candidates(engine: Engine, tokenizer, prompts: Sequence[dict], out_
                         continue
                     body = sample.token_ids[:-1] if sample.finished else sample.token_ids
                     response = tokenizer.decode(body, skip_special_tokens=False)
+                    # The sampled token ids travel with the text, so the DPO round trains on exactly these
+                    # tokens and their log-prob under M_t (its reference) needs no reference pass.
                     rows.append({"id": cid(i, k), "prompt_id": prompts[i]["id"], "prompt": prompts[i]["prompt"],
                                  "candidate": k, "response": response, "finished": sample.finished,
-                                 "n_tokens": len(sample.token_ids), "logp": harvest_logp(tokenizer, sample),
-                                 "empty": not response.strip()})
+                                 "n_tokens": len(sample.token_ids), "token_ids": sample.token_ids,
+                                 "logp": sample.logp if sample.finished else None,
+                                 "retokenizes": retokenizes(tokenizer, sample), "empty": not response.strip()})
             gather.step(rows)
 
         if any(cid(i, k) not in seen for i in range(len(prompts)) for k in range(n)):
@@ -211,7 +211,8 @@ def generate_candidates(engine: Engine, tokenizer, prompts: Sequence[dict], out_
     seconds = time.time() - start
     return {"prompts": len(prompts), "candidates": len(rows), "empty": sum(bool(r.get("empty")) for r in rows),
             "unfinished": sum(not r["finished"] for r in rows),
-            "harvested_logp": sum(r.get("logp") is not None for r in rows), "seconds": round(seconds, 1),
+            "harvested_logp": sum(r.get("logp") is not None for r in rows),
+            "retokenize_mismatch": sum(not r.get("retokenizes", True) for r in rows), "seconds": round(seconds, 1),
             "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 and tokens else None}
 
 
@@ -269,11 +270,12 @@ def make_pairs(candidates: Sequence[dict], judgements: Sequence[dict], out_path:
     joined = [{"prompt_id": c["prompt_id"], "prompt": c["prompt"], "candidate_id": c["id"], "response": c["response"],
                "score": scores.get(c["id"]), "logp": c.get("logp")} for c in candidates]
     pairs, stats = build_pairs(joined, min_margin=min_margin)
-    logps = {c["id"]: c.get("logp") for c in candidates}
-    for pair in pairs:  # harvested reference log-probs travel with the pair
-        lc, lr = logps.get(pair["chosen_id"]), logps.get(pair["rejected_id"])
-        if lc is not None and lr is not None:
-            pair["ref_chosen_logp"], pair["ref_rejected_logp"] = lc, lr
+    by_id = {c["id"]: c for c in candidates}
+    for pair in pairs:  # harvested reference log-probs travel with the pair, with the tokens they score
+        chosen, rejected = by_id[pair["chosen_id"]], by_id[pair["rejected_id"]]
+        if chosen.get("logp") is not None and rejected.get("logp") is not None and "token_ids" in chosen:
+            pair["chosen_token_ids"], pair["rejected_token_ids"] = chosen["token_ids"], rejected["token_ids"]
+            pair["ref_chosen_logp"], pair["ref_rejected_logp"] = chosen["logp"], rejected["logp"]
     if dist.is_rank0():
         write_jsonl(out_path, pairs)
     dist.barrier()
