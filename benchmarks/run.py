@@ -65,13 +65,17 @@ class Sizes:
     judge_batch: int = 8
     sft_steps: int = 11
     """Optimizer steps; the first is warm-up and not timed."""
-    dpo_steps: int = 9
+    dpo_steps: int = 8
+    """Optimizer steps = one epoch over 2 x dpo_steps pairs, all timed with every reference pass (see section_dpo)."""
+    dpo_shortest: bool = False
+    """Take the shortest pairs (quick runs) instead of the first ones in file order."""
     dpo_on_the_fly: bool = True
     """Also time srlm with a reference pass every step (what TRL does by default)."""
 
     @classmethod
     def quick(cls) -> "Sizes":
-        return cls(gen_baseline_prompts=2, judge_items=8, sft_steps=4, dpo_steps=4, dpo_on_the_fly=False)
+        return cls(gen_baseline_prompts=1, judge_items=8, sft_steps=3, dpo_steps=2, dpo_shortest=True,
+                   dpo_on_the_fly=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,8 +220,11 @@ def eval_groups(min_items: int) -> list:
     return out
 
 
-def preference_pairs(n: int) -> list:
-    """n preference pairs: prefs.jsonl when shipped, else eval-split rank-0 reply vs worst-ranked reply."""
+def preference_pairs(n: int, shortest: bool = False) -> list:
+    """n preference pairs: prefs.jsonl when shipped, else eval-split rank-0 reply vs worst-ranked reply.
+
+    ``shortest``: the n pairs with the shortest prompt + longer response (in characters), for quick runs.
+    """
     from srlm.data import records
 
     path = SEED_DIR / "prefs.jsonl"
@@ -231,6 +238,8 @@ def preference_pairs(n: int) -> list:
                 pairs.append(records.PreferencePair(g.prompt, ranked[0].text, ranked[-1].text, g.id))
     if len(pairs) < n:
         raise RuntimeError(f"only {len(pairs)} preference pairs available, need {n}")
+    if shortest:
+        pairs = sorted(pairs, key=lambda p: len(p.prompt) + max(len(p.chosen), len(p.rejected)))
     return pairs[:n]
 
 
@@ -285,7 +294,7 @@ def section_generation(model_path: str, sizes: Sizes) -> Result:
     r = ratio(srlm_tps, base_tps)
     res.add("generation", f"tokens/s, {len(prompts)}x{sizes.gen_samples} samples, {cfg.max_new_tokens} new",
             base_tps, srlm_tps, r, ">= 10x", at_least(r, 10.0),
-            f"baseline: one model.generate per prompt and sample ({len(base_prompts)} prompts)")
+            f"baseline: one model.generate per prompt and sample, on {len(base_prompts)} prompt(s)")
     res.details = {
         "baseline": {"prompts": len(base_prompts), "samples": sizes.gen_samples, "tokens": base_tokens,
                      "seconds": base_s, "tokens_per_s": base_tps, "memory": mem_b.to_json()},
@@ -387,10 +396,14 @@ def lightning_clock():
         """End time, loss and token counts of every training step."""
 
         def __init__(self):
+            self.start: Optional[float] = None
             self.ends: list[float] = []
             self.losses: list[float] = []
             self.real: list[int] = []
             self.total: list[int] = []
+
+        def on_train_start(self, trainer, module):
+            self.start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             self.ends.append(time.perf_counter())
@@ -406,8 +419,12 @@ def hf_clock():
 
     class StepClock(TrainerCallback):
         def __init__(self):
+            self.start: Optional[float] = None
             self.ends: list[float] = []
             self.losses: dict[int, float] = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.ends.append(time.perf_counter())
@@ -574,23 +591,26 @@ def section_dpo(model_path: str, sizes: Sizes) -> Result:
     res = Result()
     tmp = tempfile.mkdtemp(prefix="srlm-bench-dpo-")
     batch, steps, lr, beta = 2, sizes.dpo_steps, 5e-5, 0.1
-    n_pairs = batch * steps  # one epoch: every precomputed reference log-prob is used
-    timed_pairs = batch * (steps - 1)
-    pairs = preference_pairs(n_pairs)
+    # One epoch over n_pairs, every step timed: each variant then times the very same pairs whatever
+    # order its sampler picks, and all of its reference work (precompute or per-step) is counted.
+    n_pairs = batch * steps
+    pairs = preference_pairs(n_pairs, sizes.dpo_shortest)
     pairs_file = Path(tmp) / "pairs.jsonl"
     records.write_jsonl(pairs_file, pairs)
     tok = load_tokenizer(model_path)
-    d: dict[str, Any] = {"pairs": n_pairs, "steps": steps, "timed_steps": steps - 1, "batch_pairs": batch,
+    d: dict[str, Any] = {"pairs": n_pairs, "steps": steps, "timed_steps": steps, "batch_pairs": batch,
                          "source": "prefs.jsonl" if (SEED_DIR / "prefs.jsonl").exists() else "eft_eval.jsonl"}
 
-    def summary(name: str, step_seconds: float, ref_seconds: float, losses: list[float], mem: PeakRSS) -> dict:
-        # Reference work is spread over all pairs; the timed steps carry their share of it.
-        seconds = step_seconds + ref_seconds * timed_pairs / n_pairs
+    def summary(name: str, clock, ref_seconds: float, losses: list[float], mem: PeakRSS) -> dict:
+        if clock.start is None or len(clock.ends) != steps:
+            raise RuntimeError(f"{name}: {len(clock.ends)} steps ran, expected {steps}")
+        step_seconds = clock.ends[-1] - clock.start
+        seconds = step_seconds + ref_seconds
         out = {"step_seconds": step_seconds, "reference_precompute_seconds": ref_seconds, "seconds": seconds,
-               "pairs_per_s": timed_pairs / seconds, "first_step_loss": losses[0] if losses else None,
+               "pairs_per_s": n_pairs / seconds, "first_step_loss": losses[0] if losses else None,
                "losses": losses, "memory": mem.to_json()}
-        say("dpo", f"{name}: {out['pairs_per_s']:.3f} pairs/s (steps {step_seconds:.1f}s + reference share of "
-                   f"{ref_seconds:.1f}s), first-step loss {out['first_step_loss']:.5f}")
+        say("dpo", f"{name}: {out['pairs_per_s']:.3f} pairs/s ({n_pairs} pairs: steps {step_seconds:.1f}s + reference "
+                   f"precompute {ref_seconds:.1f}s), first-step loss {out['first_step_loss']:.5f}")
         return out
 
     def run_trl(precompute: bool) -> dict:
@@ -601,22 +621,34 @@ def section_dpo(model_path: str, sizes: Sizes) -> Result:
                                   for p in pairs])
         args = hf_args(DPOConfig, f"{tmp}/trl-{precompute}", steps, batch, lr, beta=beta, max_length=512,
                        precompute_ref_log_probs=precompute)
-        timer = {"seconds": 0.0, "batches": 0}
-        original_pass, original_precompute = DPOTrainer.compute_ref_log_probs, DPOTrainer._precompute_ref_logps
+        # The reference precompute runs before training (in __init__ in trl 1.x, when the train dataloader is
+        # built in older releases): time every reference pass made before training starts, and the whole
+        # precompute (data loading included) where the trainer has the method for it.
+        clock = hf_clock()
+        timer = {"passes": 0.0, "precompute": 0.0, "batches": 0}
+        original_pass = DPOTrainer.compute_ref_log_probs
+        original_precompute = getattr(DPOTrainer, "_precompute_ref_logps", None)
 
         def counted_pass(self, *a, **k):
-            timer["batches"] += 1
-            return original_pass(self, *a, **k)
+            if clock.start is not None:  # a per-step reference pass: part of the step time already
+                return original_pass(self, *a, **k)
+            t0 = time.perf_counter()
+            try:
+                return original_pass(self, *a, **k)
+            finally:
+                timer["passes"] += time.perf_counter() - t0
+                timer["batches"] += 1
 
         def timed_precompute(self, *a, **k):
             t0 = time.perf_counter()
             try:
                 return original_precompute(self, *a, **k)
             finally:
-                timer["seconds"] += time.perf_counter() - t0
+                timer["precompute"] += time.perf_counter() - t0
 
-        DPOTrainer.compute_ref_log_probs, DPOTrainer._precompute_ref_logps = counted_pass, timed_precompute
-        clock = hf_clock()
+        DPOTrainer.compute_ref_log_probs = counted_pass
+        if original_precompute is not None:
+            DPOTrainer._precompute_ref_logps = timed_precompute
         try:
             with PeakRSS() as mem, quiet():
                 model = load_hf_model(model_path)
@@ -624,14 +656,16 @@ def section_dpo(model_path: str, sizes: Sizes) -> Result:
                 trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
                                      peft_config=lora_config(), callbacks=[clock])
                 hf_quiet(trainer)
-                if precompute and timer["batches"] == 0:
-                    raise RuntimeError("TRL found cached reference log-probs: the precompute was not measured")
                 trainer.train()
         finally:
-            DPOTrainer.compute_ref_log_probs, DPOTrainer._precompute_ref_logps = original_pass, original_precompute
+            DPOTrainer.compute_ref_log_probs = original_pass
+            if original_precompute is not None:
+                DPOTrainer._precompute_ref_logps = original_precompute
+        if precompute and timer["batches"] == 0:
+            raise RuntimeError("TRL ran no reference pass before training (cached log-probs?): precompute not measured")
         losses = [clock.losses[k] for k in sorted(clock.losses)]
-        out = summary(f"TRL DPOTrainer, precompute_ref_log_probs={precompute}", timed_steps(clock.ends), timer["seconds"],
-                      losses, mem)
+        ref_seconds = max(timer["passes"], timer["precompute"])
+        out = summary(f"TRL DPOTrainer, precompute_ref_log_probs={precompute}", clock, ref_seconds, losses, mem)
         out["reference_batches"] = timer["batches"]
         del trainer
         gc.collect()
@@ -654,7 +688,7 @@ def section_dpo(model_path: str, sizes: Sizes) -> Result:
         clock = lightning_clock()
         with PeakRSS() as mem, quiet():
             lightning_trainer(steps, clock, f"{tmp}/{name}").fit(module, datamodule=dm)
-        out = summary(f"srlm DPOModule ({name})", timed_steps(clock.ends), timer["seconds"], clock.losses, mem)
+        out = summary(f"srlm DPOModule ({name})", clock, timer["seconds"], clock.losses, mem)
         out["dataset_had_reference"] = dm.train_dataset.has_reference
         return out, dm
 
@@ -681,7 +715,7 @@ def section_dpo(model_path: str, sizes: Sizes) -> Result:
     note = "" if trl_default else "trl not installed"
     tps = lambda x: x and x["pairs_per_s"]  # noqa: E731
     r = ratio(pre["pairs_per_s"], tps(trl_default))
-    res.add("dpo", f"pairs/s incl. reference: srlm precompute vs TRL default ({steps - 1} timed steps)",
+    res.add("dpo", f"pairs/s incl. reference: srlm precompute vs TRL default ({n_pairs} pairs, 1 epoch)",
             tps(trl_default), pre["pairs_per_s"], r, ">= 1.5x", at_least(r, 1.5), note)
     res.add("dpo", "pairs/s incl. reference: srlm precompute vs TRL precompute", tps(trl_pre), pre["pairs_per_s"],
             ratio(pre["pairs_per_s"], tps(trl_pre)), note=note or "info")
@@ -710,7 +744,7 @@ def section_dpo(model_path: str, sizes: Sizes) -> Result:
 RUNNERS = {"generation": section_generation, "judging": section_judging, "sft": section_sft, "dpo": section_dpo}
 
 
-def run_child(name: str, model_path: str, sizes: Sizes, out: Path) -> None:
+def run_child(name: str, model_path: str, sizes: Sizes, out: Path, threads: Optional[int] = None) -> None:
     """Run one section in this process and write its rows and details (plus this process's peak RSS) to ``out``."""
     os.environ.setdefault("TQDM_DISABLE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -726,6 +760,8 @@ def run_child(name: str, model_path: str, sizes: Sizes, out: Path) -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     result = RUNNERS[name](model_path, sizes)
@@ -751,13 +787,13 @@ def memory_rows(sections: dict[str, dict]) -> list[Row]:
             mb = (d.get(b) or {}).get("memory", {}).get("delta_mb")
             ms = (d.get(s) or {}).get("memory", {}).get("delta_mb")
             rows.append(Row("memory", f"RSS rise while running (MiB): {label}", mb, ms, ratio(mb, ms),
-                            note="baseline / srlm; lower is better"))
+                            note="ratio = baseline / srlm (> 1: srlm uses less)"))
     judging = sections.get("judging", {})
     if "generative_k3" in judging:
         rows.append(Row("memory", "RSS rise while running (MiB): judge generative k=3 vs logit",
                         judging["generative_k3"]["memory"]["delta_mb"], judging["logit"]["memory"]["delta_mb"],
                         ratio(judging["generative_k3"]["memory"]["delta_mb"], judging["logit"]["memory"]["delta_mb"]),
-                        note="baseline / srlm; lower is better"))
+                        note="ratio = baseline / srlm (> 1: srlm uses less)"))
     return rows
 
 
@@ -793,6 +829,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="model: embedded:smollm2-135m-instruct (default), a local Hugging Face folder or a cached hub id")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results.json"), help="JSON results file")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--threads", type=int, help="torch threads in each section (default: torch's, one per core)")
     p.add_argument("--section", help=argparse.SUPPRESS)  # internal: run one section in this process
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -802,7 +839,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     sizes = Sizes.quick() if args.quick else Sizes()
     if args.section:
-        run_child(args.section, args.model, sizes, Path(args.child_out))
+        run_child(args.section, args.model, sizes, Path(args.child_out), args.threads)
         return 0
 
     from srlm.models.backbone import resolve_model_path
@@ -815,12 +852,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows: list[Row] = []
     details: dict[str, dict] = {}
     started = time.perf_counter()
+    load_before = os.getloadavg()
     for name in names:
         print(f"\n=== {name} ===", flush=True)
         with tempfile.TemporaryDirectory(prefix="srlm-bench-") as tmp:
             out = Path(tmp) / "section.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--child-out", str(out),
-                   "--model", model_path] + (["--quick"] if args.quick else [])
+                   "--model", model_path] + (["--quick"] if args.quick else []) + \
+                  (["--threads", str(args.threads)] if args.threads else [])
             env = dict(os.environ, HF_DATASETS_CACHE=str(Path(tmp) / "hf-datasets"), TOKENIZERS_PARALLELISM="false")
             code = subprocess.call(cmd, env=env)
             if code != 0 or not out.exists():
@@ -839,8 +878,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         "memory_method": "each section in its own subprocess (ru_maxrss = section peak); per-method RSS rise "
                          "sampled every 20 ms with psutil, baseline and srlm one after the other in that process",
         "platform": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                     "cpu_count": os.cpu_count(), "trl": _version("trl")},
+                     "cpu_count": os.cpu_count(), "trl": _version("trl") if have_trl() else None},
         "seconds": time.perf_counter() - started,
+        "load_average": {"before": load_before, "after": os.getloadavg()},
         "rows": [r.__dict__ for r in rows], "details": details,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -849,6 +889,10 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{report['seconds'] / 60:.1f} min, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"trl {report['platform']['trl'] or 'not installed'}\n")
     print(table(rows))
+    busy = max(load_before[0], os.getloadavg()[2])
+    if busy > 0.5 * (os.cpu_count() or 1):
+        print(f"\nnote: the machine was busy (load average {busy:.1f} on {os.cpu_count()} cores): absolute figures are "
+              "low and noisy; ratios compare runs made one after the other in the same process.")
     print(f"\nwritten to {args.output}")
     return 0
 

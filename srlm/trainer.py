@@ -7,12 +7,14 @@ Trainer made from the same arguments (re-calling ``fit`` on a used Trainer is fr
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from typing import Any, Optional
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import Strategy
 
 from srlm.data.datamodule import SFTDataModule
 from srlm.models.sft import SFTModule
@@ -32,6 +34,10 @@ def default_loggers(root: str) -> list:
 class SRLMTrainer(Trainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.init_kwargs = dict(kwargs)
+        # A strategy object binds to the Trainer it is given to: keep an unused copy for fresh() ones.
+        # (Read through self.init_kwargs: jsonargparse infers this signature from how `kwargs` is used.)
+        if isinstance(self.init_kwargs.get("strategy"), Strategy):
+            self.init_kwargs["strategy"] = copy.deepcopy(self.init_kwargs["strategy"])
         if kwargs.get("logger", True) is True:
             kwargs["logger"] = default_loggers(kwargs.get("default_root_dir") or os.getcwd())
         super().__init__(*args, **kwargs)
@@ -39,6 +45,8 @@ class SRLMTrainer(Trainer):
     def fresh(self, **overrides: Any) -> "SRLMTrainer":
         """A new Trainer with this one's arguments, some replaced (a loop phase)."""
         kwargs = {**self.init_kwargs, **overrides}
+        if isinstance(kwargs.get("strategy"), Strategy):
+            kwargs["strategy"] = copy.deepcopy(kwargs["strategy"])
         if "logger" not in overrides and not isinstance(self.init_kwargs.get("logger", True), bool):
             kwargs["logger"] = True  # loggers hold their folder; new phase, new loggers
         return type(self)(**kwargs)

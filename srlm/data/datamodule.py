@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from srlm.data import records
 from srlm.data.batching import LengthGroupedSampler, collate_sequences, pad
@@ -119,7 +119,13 @@ class _BaseDataModule(L.LightningDataModule):
     def _loader(self, dataset, train: bool) -> DataLoader:
         batch_size = self.batch_size if train else self.eval_batch_size
         if self.group_by_length:
-            sampler = LengthGroupedSampler(dataset.lengths, batch_size, shuffle=train, seed=self.seed)
+            world = self.trainer.world_size if self.trainer is not None else 1
+            # Grouped by the global batch: each rank's strided share of it is then grouped too.
+            sampler = LengthGroupedSampler(dataset.lengths, batch_size * world, shuffle=train, seed=self.seed)
+            if world > 1:
+                # Lightning would wrap it in a *shuffling* distributed sampler, undoing the grouping:
+                # shard the grouped order ourselves (each rank takes every world-size-th index).
+                sampler = _GroupedShard(sampler, world, self.trainer.global_rank)
         else:
             sampler = None
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=train and sampler is None,
@@ -130,6 +136,23 @@ class _BaseDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return self._loader(self.val_dataset, False) if self.val_dataset is not None and len(self.val_dataset) else []
+
+
+class _GroupedShard(DistributedSampler):
+    """This rank's share of a LengthGroupedSampler's order, in order; the epoch reaches the inner sampler."""
+
+    def __init__(self, inner: LengthGroupedSampler, num_replicas: int, rank: int):
+        super().__init__(list(range(len(inner))), num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.inner = inner
+
+    def __iter__(self):
+        order = list(self.inner)
+        order += order[:self.total_size - len(order)]  # pad to equal shares, as DistributedSampler does
+        return iter(order[self.rank:self.total_size:self.num_replicas])
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.inner.set_epoch(epoch)
 
 
 def _split(items: list, val_fraction: float, seed: int) -> tuple[list, list]:

@@ -64,6 +64,8 @@ def reward_metrics_from_scores(rows: Iterable[dict], five_threshold: float = 4.5
         scores.append(math.nan if score is None else float(score))  # unparsed: dropped by the metrics
         ranks.append(int(row["human_rank"]))
     metrics = RewardMetrics(five_threshold=five_threshold)
+    for metric in metrics.values():  # every row is here: no sync with other ranks (the DDP loop evaluates on rank 0)
+        metric.distributed_available_fn = lambda: False
     if groups:
         metrics.update([g[0] for g in groups.values()], [g[1] for g in groups.values()])
     values = metrics.compute()

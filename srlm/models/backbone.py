@@ -200,7 +200,8 @@ def load_base(config: BackboneConfig):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16,
         )
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        # Each DDP rank loads onto its own GPU (the model is built before Lightning sets the device).
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:

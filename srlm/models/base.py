@@ -52,8 +52,9 @@ class AdapterModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         # on_train_end (not on_fit_end): callbacks' on_fit_end run before the module's, and the
-        # self-rewarding callback needs the exported model.
-        self.export()
+        # self-rewarding callback needs the exported model. The path is found on every rank: under
+        # DDP trainer.log_dir is a collective, which rank 0 alone (inside export) would wait on forever.
+        self.export(str(self.export_path()))
 
     def export_path(self) -> Path:
         if self.export_dir:

@@ -224,3 +224,8 @@ def ensure_process_group(trainer) -> None:
         launcher.launch(lambda: None)  # rank 0: start the other local ranks (a no-op when launched externally)
     strategy.setup_environment()  # device, ranks, process group
     log.info("rank %d of %d ready", rank(), world_size())
+    if not is_rank0():  # the other ranks repeat rank 0's messages and bars: errors only
+        import transformers
+
+        logging.getLogger("srlm").setLevel(logging.ERROR)
+        transformers.utils.logging.disable_progress_bar()
