@@ -201,3 +201,29 @@ def test_main_fit_dpo_on_embedded_model(tmp_path):
         assert any(r.get(key) for r in rows), key
     assert len(losses) == 3 and abs(losses[0] - math.log(2)) < 1e-4
     assert (next(out.rglob("adapter")) / "adapter_config.json").exists()
+
+
+def test_rows_split_by_length_give_the_same_logps_and_gradients(tiny_model, tmp_path):
+    from srlm.models.logprobs import length_groups, response_logps
+
+    assert length_groups([10, 10, 11, 10]) == [[0, 1, 2, 3]]  # nothing to save
+    assert length_groups([100, 90, 30, 40]) == [[2, 3], [0, 1]]  # short rows apart
+    module = make(tiny_model)
+    path = tmp_path / "p.jsonl"
+    with open(path, "w") as f:  # long chosen, short rejected: the layout of real DPO batches
+        for i in range(2):
+            f.write(json.dumps({"prompt": f"Tell me about {i}.", "chosen": "A long answer. " * (20 + 5 * i),
+                                "rejected": "No."}) + "\n")
+    batch = first_batch(datamodule(str(path), module))
+    assert len(length_groups(batch["lengths"])) == 2
+    results = []
+    for lengths in (None, batch["lengths"]):
+        module.model.zero_grad()
+        sums, counts = response_logps(module.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                      True, lengths)
+        sums.sum().backward()
+        grads = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
+        results.append((sums.detach(), counts, grads))
+    (s1, c1, g1), (s2, c2, g2) = results
+    assert torch.equal(c1, c2) and torch.allclose(s1, s2, atol=1e-4)
+    assert g1.keys() == g2.keys() and all(torch.allclose(g1[n], g2[n], atol=1e-5) for n in g1)

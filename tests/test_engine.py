@@ -76,3 +76,56 @@ def test_on_batch_sees_every_prompt_once(setup):
 def test_common_prefix():
     assert common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
     assert common_prefix([[5], [6]]) == 0
+
+
+def test_nucleus_sampler_is_exact_and_falls_back_for_flat_rows():
+    from srlm.selfreward.engine import _top_p_sample
+
+    torch.manual_seed(0)
+    vocab, draws, cfg = 400, 3000, Sampling(temperature=0.7, top_p=0.9)
+    logits = torch.stack([torch.randn(vocab) * 4, torch.randn(vocab) * 0.1])  # peaked; flat (nucleus > top_k)
+
+    def reference(row):  # the textbook way: sort the whole vocabulary
+        p = torch.softmax(row / cfg.temperature, -1)
+        sp, order = p.sort(descending=True)
+        sp = sp.masked_fill(sp.cumsum(-1) - sp > cfg.top_p, 0.0)
+        out = torch.zeros(vocab)
+        out[order] = sp / sp.sum()
+        return out
+
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.zeros(2, vocab)
+    for _ in range(draws):
+        t = _top_p_sample(logits, cfg, gen, top_k=32)
+        counts[torch.arange(2), t] += 1
+    for row in range(2):
+        expect, seen = reference(logits[row]), counts[row] / draws
+        assert not bool(((seen > 0) & (expect == 0)).any())  # never outside the nucleus
+        assert (seen - expect).abs().sum() < 0.6  # total variation: sampling noise only (a wrong set gives > 1)
+    assert int((reference(logits[1]) > 0).sum()) > 32  # the flat row did need the fallback
+
+
+def test_reserved_cache_layer_behaves_like_dynamic_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    from srlm.selfreward.kv_cache import ReservedLayer
+
+    torch.manual_seed(0)
+    ours, theirs = ReservedLayer(reserve=3), DynamicLayer()
+    steps = [torch.randn(2, 3, 5, 4)] + [torch.randn(2, 3, 1, 4) for _ in range(6)]  # prefill, then decode
+    for i, kv in enumerate(steps):
+        if i == 2:
+            for layer in (ours, theirs):
+                layer.batch_repeat_interleave(2)
+        if i == 4:
+            for layer in (ours, theirs):
+                layer.batch_select_indices(torch.tensor([0, 3]))
+        kv = kv.repeat_interleave(2, 0) if i >= 2 else kv
+        kv = kv[[0, 3]] if i >= 4 else kv
+        k1, v1 = ours.update(kv, -kv)
+        k2, v2 = theirs.update(kv, -kv)
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+        assert ours.get_seq_length() == theirs.get_seq_length()
+    ours.crop(-2)
+    theirs.crop(-2)
+    assert torch.equal(ours.keys, theirs.keys) and ours.get_seq_length() == 9

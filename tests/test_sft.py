@@ -79,7 +79,15 @@ def test_training_changes_every_trainable_parameter_and_no_frozen_one(tiny_model
     dm = SFTDataModule(ift_files=[write_ift(tmp_path / "ift.jsonl")], eft_files=[], batch_size=4, val_fraction=0.0)
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, default_root_dir=tmp_path)
+    seen_eval = []
+
+    class ModeProbe(L.Callback):  # LoRA dropout must be active while training
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen_eval.extend(n for n, m in pl_module.named_modules() if not m.training)
+
+    trainer.callbacks.append(ModeProbe())
     trainer.fit(module, datamodule=dm)
+    assert not seen_eval, seen_eval[:5]
     for name, p in module.named_parameters():
         changed = not torch.equal(before[name], p.detach())
         assert changed == (name in trainable), name

@@ -65,5 +65,6 @@ def collate_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequ
         "labels": pad(labels, IGNORE, input_ids.shape[1]),
         # Python ints: logged without a device synchronisation.
         "n_real_tokens": n_real,
+        "lengths": [len(s) for s in ids],
         "n_tokens": input_ids.numel(),
     }

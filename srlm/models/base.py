@@ -36,6 +36,9 @@ class AdapterModule(L.LightningModule):
         self.export_dir, self.sparse_lm_head = export_dir, sparse_lm_head
         self.tokenizer = load_tokenizer(backbone.model_name_or_path, backbone.trust_remote_code)
         self.model, self.merged_adapters = load_trainable(backbone)
+        # from_pretrained returns eval mode, and Lightning 2.x keeps submodules' modes: without this,
+        # LoRA dropout would silently stay off during training.
+        self.model.train()
         # Frozen base weights come from the model files, not the checkpoint.
         self.strict_loading = False
         self.exported_to: Optional[Path] = None

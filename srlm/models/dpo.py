@@ -87,7 +87,7 @@ class DPOModule(AdapterModule):
     def reference_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         with self._reference_mode():
             sums, _ = response_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                     self.sparse_lm_head)
+                                     self.sparse_lm_head, batch.get("lengths"))
         half = sums.shape[0] // 2
         return sums[:half], sums[half:]
 
@@ -114,7 +114,7 @@ class DPOModule(AdapterModule):
     # -- steps -----------------------------------------------------------------------------------
     def _step(self, batch, stage: str):
         sums, counts = response_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                      self.sparse_lm_head)
+                                      self.sparse_lm_head, batch.get("lengths"))
         half = sums.shape[0] // 2
         if "ref_chosen_logp" in batch:
             ref_c, ref_r = batch["ref_chosen_logp"].to(sums.dtype), batch["ref_rejected_logp"].to(sums.dtype)
