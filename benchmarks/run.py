@@ -889,7 +889,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{report['seconds'] / 60:.1f} min, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"trl {report['platform']['trl'] or 'not installed'}\n")
     print(table(rows))
-    busy = max(load_before[0], os.getloadavg()[2])
+    busy = load_before[0]  # the load at the start: later averages count the benchmark's own threads
     if busy > 0.5 * (os.cpu_count() or 1):
         print(f"\nnote: the machine was busy (load average {busy:.1f} on {os.cpu_count()} cores): absolute figures are "
               "low and noisy; ratios compare runs made one after the other in the same process.")

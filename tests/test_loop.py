@@ -121,7 +121,8 @@ def test_killed_cli_loop_resumes_without_duplicates(tiny_model, tmp_path):
     args = [sys.executable, "main.py", "loop", "--config", "configs/smoke.yaml",
             f"--model.init_args.backbone.model_name_or_path={tiny_model}", "--trainer.enable_progress_bar=false",
             "--self_reward.judge_mode=generative", "--self_reward.judge_samples=3", "--self_reward.batch_size=1",
-            "--self_reward.judge_sampling.max_new_tokens=48", "--self_reward.num_prompts=4"]
+            "--self_reward.judge_sampling.max_new_tokens=48", "--self_reward.num_prompts=4",
+            "--trainer.max_steps=4", "--checkpoint_every=3"]  # M1's last checkpoint is not its final step
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     clean = tmp_path / "clean"
     subprocess.run(args + [f"--run_dir={clean}"], cwd=REPO, check=True, env=env, capture_output=True, timeout=600)
@@ -139,7 +140,11 @@ def test_killed_cli_loop_resumes_without_duplicates(tiny_model, tmp_path):
     if proc.returncode == 0:
         pytest.skip("the run finished before it could be killed")
     n_before = len(records(judgements))
+    m1_weights = cut / "m1" / "model" / "adapter_model.safetensors"
+    m1_stamp = m1_weights.stat().st_mtime_ns
     subprocess.run(args + [f"--run_dir={cut}"], cwd=REPO, check=True, env=env, capture_output=True, timeout=600)
+    # M1 was done when the kill came: the rerun must judge with that M1, not fit (and export) another one
+    assert m1_weights.stat().st_mtime_ns == m1_stamp
     a, b = records(clean / "iter_1" / "judgements.jsonl"), records(judgements)
     assert n_before < len(b)
     assert sorted(r["id"] for r in b) == sorted(r["id"] for r in a) and len({r["id"] for r in b}) == len(b)

@@ -115,9 +115,15 @@ def run_loop(trainer: "SRLMTrainer", model: SFTModule, datamodule: SFTDataModule
         if not run.done("m1"):
             L.seed_everything(self_reward.seed, verbose=False)
             model.export_dir = str(model_dir)
-            callbacks = [SelfRewardCallback(pending)] if pending else []
-            fit_phase(phase_trainer(trainer, root, checkpoint_every, callbacks), model, datamodule, root)
-            run.mark_done("m1", {"train_examples": len(datamodule.train_dataset)})
+
+            def m1_trained(tr):
+                run.mark_done("m1", {"train_examples": len(datamodule.train_dataset), "steps": tr.global_step})
+
+            callbacks = [SelfRewardCallback(pending, m1_trained)] if pending else []
+            phase_tr = phase_trainer(trainer, root, checkpoint_every, callbacks)
+            fit_phase(phase_tr, model, datamodule, root)
+            if not run.done("m1"):
+                m1_trained(phase_tr)
     if ev.enabled:
         evaluate_phase(run, "m1", model_dir, ev, self_reward.batch_size)
     for t in range(1, iterations + 1):
@@ -149,13 +155,18 @@ def run_loop(trainer: "SRLMTrainer", model: SFTModule, datamodule: SFTDataModule
             data = PreferenceDataModule(pair_files=[str(it_dir / "pairs.jsonl")], batch_size=dpo.batch_size,
                                         max_length=dpo.max_length, max_prompt_length=dpo.max_prompt_length)
         root = it_dir / "dpo"
-        callbacks = [SelfRewardCallback(next_creator)] if next_creator else []
+        previous = (f"M{t}", model_dir)
+        model_dir = it_dir / "model"
+
+        def trained(tr, phase=phase, n_pairs=n_pairs, model_dir=model_dir):
+            run.mark_done(phase, {"pairs": n_pairs, "model": str(model_dir), "steps": tr.global_step})
+
+        callbacks = [SelfRewardCallback(next_creator, trained)] if next_creator else []
         phase_tr = phase_trainer(trainer, root, checkpoint_every, callbacks, max_epochs=dpo.max_epochs,
                                  max_steps=dpo.max_steps)
         fit_phase(phase_tr, module, data, root)
-        previous = (f"M{t}", model_dir)
-        model_dir = it_dir / "model"
-        run.mark_done(phase, {"pairs": n_pairs, "model": str(model_dir), "steps": phase_tr.global_step})
+        if not run.done(phase):
+            trained(phase_tr)
         if ev.enabled:
             evaluate_phase(run, f"iter_{t}", model_dir, ev, self_reward.batch_size, previous)
     run.manifest["final_model"] = str(model_dir)
