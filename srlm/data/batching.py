@@ -58,13 +58,13 @@ def collate_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequ
     labels = [[IGNORE] * len(p) + list(r) for p, r in zip(prompts, responses)]
     input_ids = pad(ids, pad_id)
     attention_mask = pad([[1] * len(s) for s in ids], 0, input_ids.shape[1])
-    n_real = sum(len(s) for s in ids)
+    lengths = [len(s) for s in ids]
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": pad(labels, IGNORE, input_ids.shape[1]),
         # Python ints: logged without a device synchronisation.
-        "n_real_tokens": n_real,
-        "lengths": [len(s) for s in ids],
+        "n_real_tokens": sum(lengths),
+        "lengths": lengths,
         "n_tokens": input_ids.numel(),
     }

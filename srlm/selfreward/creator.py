@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import lightning as L
 import torch
@@ -132,17 +132,12 @@ class InstructionCreator:
 class SelfRewardCallback(L.Callback):
     """Runs self-instruction creation with the freshly trained model at the end of its fit."""
 
-    def __init__(self, creator: InstructionCreator, on_trained: Optional[Callable[[L.Trainer], None]] = None):
-        self.creator, self.on_trained = creator, on_trained
+    def __init__(self, creator: InstructionCreator):
+        self.creator = creator
         self.summary: Optional[dict] = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model_dir = pl_module.exported_to or pl_module.export_path()
-        if self.on_trained is not None:
-            # The model is exported: mark its training phase done before creation starts, so that a run
-            # killed during creation does not fit again (a second fit would make another M_t than the
-            # one whose candidates are already on disk).
-            self.on_trained(trainer)
         self.creator.device = pl_module.device
         self.creator.show_progress = trainer.is_global_zero
         self.summary = self.creator.run(model_dir)

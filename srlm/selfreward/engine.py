@@ -220,9 +220,10 @@ class Engine:
         finished = [False] * rows
         live = list(range(rows))  # live[j] = original row of batch position j
         for step in range(cfg.max_new_tokens):
+            logits = logits.float()
             nxt = _top_p_sample(logits, cfg, generator)
             # log p under the unprocessed logits, without materialising a vocabulary-wide log_softmax
-            lp = logits.float().gather(-1, nxt[:, None])[:, 0] - torch.logsumexp(logits.float(), -1)
+            lp = logits.gather(-1, nxt[:, None])[:, 0] - torch.logsumexp(logits, -1)
             nxt_list, lp_list = nxt.tolist(), lp.tolist()
             keep = []
             for j, row in enumerate(live):

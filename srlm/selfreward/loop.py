@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -45,6 +45,21 @@ def config_text(trainer, fallback: dict) -> str:
             lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith(("force:", "config:"))]
             return "\n".join(lines) + "\n"
     return json.dumps(fallback, indent=2, default=str, sort_keys=True) + "\n"
+
+
+class PhaseTrained(L.Callback):
+    """Marks a training phase done in the run manifest when its fit ends, its model exported.
+
+    List it before ``SelfRewardCallback``: callbacks run in list order, and a run killed during the
+    creation that follows must continue with this model, not fit another M_t whose candidates
+    would then be judged beside the first one's.
+    """
+
+    def __init__(self, run: RunDir, phase: str, counts: Callable[[L.Trainer], dict]):
+        self.run, self.phase, self.counts = run, phase, counts
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.run.mark_done(self.phase, {**self.counts(trainer), "steps": trainer.global_step})
 
 
 def phase_trainer(trainer: "SRLMTrainer", root: Path, checkpoint_every: int, extra_callbacks: list, **overrides):
@@ -115,15 +130,9 @@ def run_loop(trainer: "SRLMTrainer", model: SFTModule, datamodule: SFTDataModule
         if not run.done("m1"):
             L.seed_everything(self_reward.seed, verbose=False)
             model.export_dir = str(model_dir)
-
-            def m1_trained(tr):
-                run.mark_done("m1", {"train_examples": len(datamodule.train_dataset), "steps": tr.global_step})
-
-            callbacks = [SelfRewardCallback(pending, m1_trained)] if pending else []
-            phase_tr = phase_trainer(trainer, root, checkpoint_every, callbacks)
-            fit_phase(phase_tr, model, datamodule, root)
-            if not run.done("m1"):
-                m1_trained(phase_tr)
+            callbacks = [PhaseTrained(run, "m1", lambda tr: {"train_examples": len(tr.datamodule.train_dataset)})]
+            callbacks += [SelfRewardCallback(pending)] if pending else []
+            fit_phase(phase_trainer(trainer, root, checkpoint_every, callbacks), model, datamodule, root)
     if ev.enabled:
         evaluate_phase(run, "m1", model_dir, ev, self_reward.batch_size)
     for t in range(1, iterations + 1):
@@ -157,16 +166,11 @@ def run_loop(trainer: "SRLMTrainer", model: SFTModule, datamodule: SFTDataModule
         root = it_dir / "dpo"
         previous = (f"M{t}", model_dir)
         model_dir = it_dir / "model"
-
-        def trained(tr, phase=phase, n_pairs=n_pairs, model_dir=model_dir):
-            run.mark_done(phase, {"pairs": n_pairs, "model": str(model_dir), "steps": tr.global_step})
-
-        callbacks = [SelfRewardCallback(next_creator, trained)] if next_creator else []
-        phase_tr = phase_trainer(trainer, root, checkpoint_every, callbacks, max_epochs=dpo.max_epochs,
-                                 max_steps=dpo.max_steps)
-        fit_phase(phase_tr, module, data, root)
-        if not run.done(phase):
-            trained(phase_tr)
+        counts = {"pairs": n_pairs, "model": str(model_dir)}
+        callbacks = [PhaseTrained(run, phase, lambda tr, counts=counts: counts)]
+        callbacks += [SelfRewardCallback(next_creator)] if next_creator else []
+        fit_phase(phase_trainer(trainer, root, checkpoint_every, callbacks, max_epochs=dpo.max_epochs,
+                                max_steps=dpo.max_steps), module, data, root)
         if ev.enabled:
             evaluate_phase(run, f"iter_{t}", model_dir, ev, self_reward.batch_size, previous)
     run.manifest["final_model"] = str(model_dir)
