@@ -49,6 +49,9 @@ EXTRA_COMMANDS = {
     "evaluate": "srlm.evaluation.reward:evaluate_reward",
     "head-to-head": "srlm.evaluation.head_to_head:compare",
     "report": "srlm.evaluation.report:write_report",
+    "build-eft": "srlm.selfreward.build_eft:build_eft",
+    "split-ranked": "srlm.data.oasst:split_ranked",
+    "ifeval": "srlm.evaluation.ifeval:ifeval",
 }
 
 
@@ -61,7 +64,8 @@ def main(argv=None) -> None:
         from jsonargparse import auto_cli
 
         module, func = EXTRA_COMMANDS[argv[0]].split(":")
-        auto_cli(getattr(importlib.import_module(module), func), args=argv[1:])
+        # Every argument by name (--input FILE ...), as in the README, whether it has a default or not.
+        auto_cli(getattr(importlib.import_module(module), func), args=argv[1:], as_positional=False)
         return
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)

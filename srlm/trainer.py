@@ -19,6 +19,7 @@ from lightning.pytorch.strategies import Strategy
 from srlm.data.datamodule import SFTDataModule
 from srlm.models.sft import SFTModule
 from srlm.selfreward.config import DPORoundConfig, EvalConfig, SelfRewardConfig
+from srlm.selfreward.select import SelectionConfig
 
 
 def default_loggers(root: str) -> list:
@@ -54,7 +55,8 @@ class SRLMTrainer(Trainer):
     def loop(self, model: SFTModule, datamodule: Optional[SFTDataModule] = None, run_dir: str = "runs/loop",
              iterations: int = 2, m1_adapter: Optional[str] = None, self_reward: Optional[SelfRewardConfig] = None,
              dpo: Optional[DPORoundConfig] = None, evaluation: Optional[EvalConfig] = None,
-             checkpoint_every: int = 10, force: bool = False) -> dict:
+             checkpoint_every: int = 10, force: bool = False, sft_baseline: bool = False,
+             selection: Optional[SelectionConfig] = None) -> dict:
         """Run the self-rewarding loop: M1 by SFT, then T iterations of self-instruction creation and DPO.
 
         Args:
@@ -68,9 +70,13 @@ class SRLMTrainer(Trainer):
             evaluation: reward-modelling and head-to-head evaluation of each model, and the report.
             checkpoint_every: save a resumable checkpoint every this many training steps.
             force: continue a run folder whose saved config differs from this one.
+            sft_baseline: also train the paper's comparison point, the base model fine-tuned on the IFT data
+                alone (no EFT), and evaluate it like every M_t.
+            selection: checkpoint selection inside the training phases (the paper picks checkpoints on a
+                validation set): measure every N steps, export the best step, record the choice in the manifest.
         """
         from srlm.selfreward.loop import run_loop
 
         return run_loop(self, model, datamodule or SFTDataModule(), run_dir, iterations, m1_adapter,
                         self_reward or SelfRewardConfig(), dpo or DPORoundConfig(), checkpoint_every, force,
-                        evaluation or EvalConfig())
+                        evaluation or EvalConfig(), sft_baseline=sft_baseline, selection=selection)

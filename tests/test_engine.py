@@ -129,3 +129,15 @@ def test_reserved_cache_layer_behaves_like_dynamic_layer():
     ours.crop(-2)
     theirs.crop(-2)
     assert torch.equal(ours.keys, theirs.keys) and ours.get_seq_length() == 9
+
+
+def test_scoring_batches_are_bounded_by_tokens_and_give_the_same_logprobs(setup):
+    _, _, ids = setup
+    prompts = [ids[0] * 6, ids[1]] + ids[2:]  # one long prompt among short ones
+    eng = engine(setup, batch_size=4, max_batch_tokens=len(prompts[0]) + 1)
+    chunks = list(eng._chunks(prompts, 4, eng.max_batch_tokens))
+    assert chunks[0] == [0] and sorted(i for c in chunks for i in c) == list(range(len(prompts)))
+    assert all(len(c) * max(len(prompts[i]) for i in c) <= eng.max_batch_tokens or len(c) == 1 for c in chunks)
+    a = torch.stack(eng.next_token_logprobs(prompts))
+    b = torch.stack(engine(setup, batch_size=4, max_batch_tokens=10**9).next_token_logprobs(prompts))
+    assert torch.allclose(a, b, atol=1e-4)

@@ -191,7 +191,8 @@ def test_pairs_best_vs_worst_and_unscored_never_rejected():
     assert pairs == [{"id": "a", "prompt": "prompt a", "chosen": "resp a 2", "rejected": "resp a 1",
                       "chosen_id": "a-c2", "rejected_id": "a-c1", "score_chosen": 4.0, "score_rejected": 2.0}]
     assert stats == {"prompts": 2, "pairs": 1, "dropped_tie": 0, "dropped_too_few_scored": 1,
-                     "unscored_candidates": 2}
+                     "dropped_identical": 0, "dropped_unfinished": 0, "unscored_candidates": 2,
+                     "unfinished_not_chosen": 0}
 
 
 def test_pairs_ties_dropped_and_margin():
@@ -219,3 +220,40 @@ def test_positive_examples():
     data = cands("a", [5.0, 4.67, 4.33, None]) + cands("b", [4.5])
     assert [e["id"] for e in positive_examples(data)] == ["a-c0", "a-c1", "b-c0"]
     assert positive_examples(data, min_score=5.0) == [{"id": "a-c0", "prompt": "prompt a", "response": "resp a 0"}]
+
+
+def test_pairs_never_pair_identical_responses():
+    """Regression: two candidates with the same text (after strip) and different scores gave chosen == rejected,
+    which the DPO reader refuses. Identical texts are one response: their scores are averaged."""
+    same = cands("s", [5.0, 1.0, 2.0])
+    same[0]["response"], same[1]["response"] = "Same answer.", "  Same answer.\n"  # scored 5 and 1: mean 3
+    only_same = cands("o", [4.0, 1.0])
+    only_same[1]["response"] = only_same[0]["response"] + " "
+    pairs, stats = build_pairs(same + only_same)
+    assert all(p["chosen"].strip() != p["rejected"].strip() for p in pairs)
+    assert [(p["id"], p["chosen_id"], p["rejected_id"]) for p in pairs] == [("s", "s-c0", "s-c2")]
+    assert pairs[0]["score_chosen"] == 3.0 and pairs[0]["score_rejected"] == 2.0
+    assert stats["dropped_identical"] == 1 and stats["pairs"] == 1 and stats["dropped_tie"] == 0
+
+
+def test_pairs_unfinished_never_chosen_but_may_be_rejected():
+    """Regression: a candidate cut at max_new_tokens could be chosen (DPO then taught stopping mid-sentence)."""
+    group = cands("u", [5.0, 3.0, 1.0])
+    group[0]["finished"] = group[2]["finished"] = False  # the best and the worst were cut
+    (pair,), stats = build_pairs(group)
+    assert (pair["chosen_id"], pair["rejected_id"]) == ("u-c1", "u-c2")
+    assert pair["rejected_finished"] is False and "chosen_finished" not in pair
+    assert stats["unfinished_not_chosen"] == 1
+    # only cut responses, or a finished one that is not better: nothing to choose
+    cut = cands("c", [4.0, 2.0])
+    for c in cut:
+        c["finished"] = False
+    low = cands("l", [1.0, 4.0])
+    low[1]["finished"] = False
+    pairs, stats = build_pairs(cut + low)
+    assert pairs == [] and stats["dropped_unfinished"] == 2 and stats["unfinished_not_chosen"] == 2
+    # allowed on request: the pair then says so
+    (pair,), _ = build_pairs(group, allow_unfinished_chosen=True)
+    assert (pair["chosen_id"], pair["chosen_finished"], pair["rejected_finished"]) == ("u-c0", False, False)
+    # finished responses are unaffected, and an unfinished one is never a positive example
+    assert positive_examples(group, min_score=3.0) == [{"id": "u-c1", "prompt": "prompt u", "response": "resp u 1"}]

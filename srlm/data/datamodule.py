@@ -229,6 +229,9 @@ class TokenizedPairs(Dataset):
                 responses = [list(ids[0]), list(ids[1])]
             else:
                 responses = [encode_response(tokenizer, pair.chosen), encode_response(tokenizer, pair.rejected)]
+                # A response cut at max_new_tokens ("<side>_finished": false) did not end its turn: no EOS.
+                responses = [r[:-1] if pair.extra.get(f"{side}_finished") is False else r
+                             for side, r in zip(("chosen", "rejected"), responses)]
             before = (self.counts.prompt, self.counts.response)
             prompt, (chosen, rejected) = fit_lengths(encode_prompt(tokenizer, pair.prompt), responses, max_length,
                                                      max_prompt_length, self.counts)

@@ -15,6 +15,7 @@ A message is usable when it is not deleted, not synthetic and its review did not
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
 from collections import Counter
 from pathlib import Path
@@ -226,5 +227,70 @@ def convert_oasst(
     }
     counts.update({f"ift_dropped_{k}": v for k, v in sorted(ift_dropped.items())})
     counts.update({f"ranked_dropped_{k}": v for k, v in sorted(ranked_dropped.items())})
+    print(", ".join(f"{k}={v}" for k, v in counts.items()))
+    return counts
+
+
+def _tree_side(tree_id: str, seed: int) -> float:
+    """A deterministic number in [0, 1) for a message tree: sha256 of ``"<seed>:<tree id>"``."""
+    digest = hashlib.sha256(f"{seed}:{tree_id}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def split_ranked(
+    input: str,
+    train_output: str,
+    eval_output: str,
+    eval_fraction: float = 0.5,
+    seed: int = 0,
+) -> dict:
+    """Split ranked prompts into a train and an eval file by message tree, so no tree is on both sides.
+
+    A ranked prompt is a first-turn prompt, so its id is the root message id of its OpenAssistant
+    tree (``message_tree_id``), and one ranked record is one whole tree. Each tree goes to the eval
+    side when ``sha256("<seed>:<id>")``, read as a number in [0, 1), is below ``eval_fraction``:
+    the assignment of a tree depends only on its id and the seed (it never moves when other trees
+    are added or removed), so the shares are ``eval_fraction`` on average, not exactly. Records
+    keep their input order; both files are written atomically.
+
+        python main.py split-ranked --input ../shared/data/oasst1-en-sample.jsonl \\
+            --train_output runs/eft/oasst_train_ranked.jsonl --eval_output runs/eft/oasst_eval_ranked.jsonl
+
+    Args:
+        input: ranked prompts jsonl (``{"id", "prompt", "replies": [{"text", "rank"}]}``, ``seed:`` paths
+            allowed), or an OpenAssistant message export, converted with ``build_ranked`` (English,
+            at least two usable ranked replies).
+        train_output: ranked jsonl for the training side (the EFT source).
+        eval_output: ranked jsonl for the held-out side (the reward-modelling eval set).
+        eval_fraction: expected share of trees on the eval side, in [0, 1].
+        seed: changes the assignment; the same seed always gives the same split.
+
+    Returns:
+        Counts: ``prompts`` read, ``train`` and ``eval`` prompts written, ``train_replies`` and
+        ``eval_replies``.
+    """
+    from srlm.data.datamodule import resolve_path  # lazy: datamodule imports lightning
+    from srlm.data.records import parse_ranked, read_records
+
+    if not 0.0 <= eval_fraction <= 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
+    path = resolve_path(input)
+    first = next(iter_jsonl(path), None)
+    if first is None:
+        raise ValueError(f"{path}: no records")
+    if "message_id" in first[1]:  # an oasst message-tree export, not ranked records
+        ranked = build_ranked(load_messages(path))
+    else:
+        ranked = read_records(path, parse_ranked)
+    train, held = [], []
+    for prompt in ranked:
+        (held if _tree_side(prompt.id, seed) < eval_fraction else train).append(prompt)
+    counts = {
+        "prompts": len(ranked),
+        "train": write_jsonl(train_output, train),
+        "eval": write_jsonl(eval_output, held),
+        "train_replies": sum(len(p.replies) for p in train),
+        "eval_replies": sum(len(p.replies) for p in held),
+    }
     print(", ".join(f"{k}={v}" for k, v in counts.items()))
     return counts

@@ -140,7 +140,10 @@ def win_rates(counts: dict) -> Optional[tuple[float, float, float, Optional[int]
 
 
 def model_label(name: str) -> str:
-    """``m1`` -> ``M1``, ``iter_t`` -> ``M{t+1}`` (the model iteration t trained), others unchanged."""
+    """``base`` -> ``M0 (base)``, ``sft`` -> ``SFT``, ``m1`` -> ``M1``, ``iter_t`` -> ``M{t+1}`` (the model
+    iteration t trained), others unchanged."""
+    if name in ("base", "sft"):
+        return {"base": "M0 (base)", "sft": "SFT"}[name]
     if re.fullmatch(r"m\d+", name):
         return name.upper()
     m = _ITER.match(name)
@@ -148,9 +151,12 @@ def model_label(name: str) -> str:
 
 
 def _model_order(name: str) -> tuple:
+    """Base, SFT baseline, then M1, M2, ...: the order of the learning curve."""
+    if name in ("base", "sft"):
+        return (0, ("base", "sft").index(name), "")
     label = model_label(name)
     m = re.fullmatch(r"M(\d+)", label)
-    return (0, int(m.group(1)), "") if m else (1, 0, name)
+    return (1, int(m.group(1)), "") if m else (2, 0, name)
 
 
 # -- formatting ----------------------------------------------------------------------------------
@@ -325,6 +331,75 @@ def _reward_section(phases: dict, plots: Path, notes: list[str], images: list[st
     return lines
 
 
+IFEVAL_KEYS = (  # key, label (fractions, shown as percent)
+    ("prompt_level_strict", "IFEval prompt strict"),
+    ("inst_level_strict", "IFEval inst. strict"),
+    ("prompt_level_loose", "IFEval prompt loose"),
+    ("inst_level_loose", "IFEval inst. loose"),
+)
+CURVE_REWARD_KEYS = (("pairwise_accuracy", "judge pairwise acc.", True), ("spearman", "judge Spearman", False),
+                     ("kendall_tau", "judge Kendall", False))
+
+
+def learning_curve(phases: dict) -> list[dict]:
+    """One row per evaluated model, in curve order: ``{name, label, ifeval: {...}, reward: {...}}``."""
+    names = {key.split("/")[1] for key in phases if key.startswith(("eval/", "ifeval/"))}
+    rows = []
+    for name in sorted(names, key=_model_order):
+        rows.append({"name": name, "label": model_label(name), "ifeval": _counts(phases, f"ifeval/{name}"),
+                     "reward": _counts(phases, f"eval/{name}")})
+    return rows
+
+
+def plot_curve(path: Path, rows: list[dict]) -> None:
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    labels = [r["label"] for r in rows]
+    xs = range(len(labels))
+    for key, label in IFEVAL_KEYS:
+        ys = [_num(r["ifeval"].get(key)) for r in rows]
+        left.plot(xs, [float("nan") if y is None else 100 * y for y in ys], marker="o", label=label[7:])
+    ys = [_num(r["reward"].get("pairwise_accuracy")) for r in rows]
+    right.plot(xs, [float("nan") if y is None else 100 * y for y in ys], marker="o", label="pairwise accuracy")
+    right.axhline(50, color="grey", lw=0.8, ls="--", label="chance")
+    for ax, title in ((left, "IFEval accuracy (%), checked by code"),
+                      (right, "judge agreement with human rankings (%)")):
+        ax.set_xticks(list(xs), labels, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _curve_section(root: Path, phases: dict, plots: Path, notes: list[str], images: list[str]) -> list[str]:
+    rows = learning_curve(phases)
+    lines = ["## Learning curve", ""]
+    if not rows:
+        return lines + ["_No model evaluated yet (eval/..., ifeval/...): section skipped._", ""]
+    header = ["model"] + [label for _, label in IFEVAL_KEYS] + [label for _, label, _ in CURVE_REWARD_KEYS]
+    table = [[r["label"]] + [_fmt(r["ifeval"].get(k), True) for k, _ in IFEVAL_KEYS]
+             + [_fmt(r["reward"].get(k), p) for k, _, p in CURVE_REWARD_KEYS] for r in rows]
+    lines += _table(header, table) + [""]
+    first = next((r["ifeval"] for r in rows if r["ifeval"]), {})
+    if first:
+        lines += [f"IFEval: {_fmt(first.get('n_prompts'))} prompts, greedy, at most "
+                  f"{_fmt(first.get('max_new_tokens'))} new tokens, scored by IFEval's checkers. Judge: "
+                  f"{_fmt(next((r['reward'].get('n_pairs') for r in rows if r['reward']), None))} human-ranked "
+                  "reply pairs of held-out prompts.", ""]
+    try:
+        from srlm.data.records import write_json
+
+        write_json(root / "learning_curve.json", rows)
+    except OSError as err:
+        notes.append(f"learning_curve.json not written: {err}")
+    if _plot(plot_curve, plots / "learning_curve.png", notes, rows):
+        images.append("learning_curve.png")
+        lines += ["![learning curve](plots/learning_curve.png)", ""]
+    return lines
+
+
 def _h2h_section(phases: dict) -> list[str]:
     lines = ["## Head to head (instruction following, both orders)", ""]
     rows = []
@@ -333,7 +408,7 @@ def _h2h_section(phases: dict) -> list[str]:
         rates = win_rates(counts)
         if rates is None:
             continue
-        name = key.split("/", 1)[1]
+        name = key.split("/")[1]
         against = counts.get("against") or counts.get("opponent")
         who = f"{model_label(name)} vs {against}" if against else model_label(name)
         rows.append([who, f"{rates[0]:.1f}%", f"{rates[1]:.1f}%", f"{rates[2]:.1f}%", _fmt(rates[3])])
@@ -362,6 +437,7 @@ def write_report(run_dir: str) -> Path:
     if m1:
         lines += ["## M1 (SFT on IFT + EFT)", ""] + _table(["", "value"], [[k, _fmt(v)] for k, v in m1.items()
                                                                          if not isinstance(v, (dict, list))]) + [""]
+    lines += _curve_section(root, phases, plots, notes, images)
     iterations = find_iterations(root, phases)
     if not iterations:
         lines += ["_No self-rewarding iteration yet._", ""]

@@ -84,6 +84,16 @@ class EvalConfig:
 
     enabled: bool = True
     """Evaluate M1 and every M_{t+1}, and write report.md with plots."""
+    evaluate_base: bool = True
+    """Evaluate the base model M0 as well: the learning curve's starting point."""
+    ifeval_file: Optional[str] = "seed:ifeval_dev.jsonl"
+    """IFEval prompts (Google's input_data.jsonl format) scored by IFEval's own checkers; None turns IFEval off."""
+    ifeval_max_prompts: Optional[int] = None
+    """Score only the first this many IFEval prompts (None: all)."""
+    ifeval_max_new_tokens: int = 256
+    """Longest IFEval response (greedy)."""
+    batch_size: int = 32
+    """Prompts per forward when evaluating (greedy answers are one row each: wider batches keep the cores busy)."""
     eval_file: str = "seed:eft_eval.jsonl"
     """Held-out questions with human-ranked replies (ranked jsonl or an OpenAssistant export)."""
     max_prompts: Optional[int] = None

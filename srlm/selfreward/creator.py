@@ -2,8 +2,10 @@
 
 ``InstructionCreator.run(model_dir)`` takes M_t (an exported srlm model folder) and writes the
 iteration's prompts, candidates, judgements and pairs (the next AIFT set), skipping phases the
-manifest marks done and resuming a phase cut short. ``SelfRewardCallback`` runs it at the end of
-the fit that produced M_t; the loop calls it directly when that fit had already finished.
+manifest marks done and resuming a phase cut short; the files of the phases done earlier are
+checked against the manifest (size, sha256) before they are read (RunDir.verify).
+``SelfRewardCallback`` runs it at the end of the fit that produced M_t; the loop calls it directly
+when that fit had already finished.
 
 Under several processes every rank runs ``run`` (each generates and judges its share of the fixed
 batches, see steps.py) while rank 0 alone writes files and logs; give it a
@@ -58,15 +60,29 @@ class InstructionCreator:
         return f"iter_{self.t}/{name}"
 
     def complete(self) -> bool:
-        return all(self.run_dir.done(self.phase(p)) for p in PHASES)
+        """Whether every phase is done; then their files, which the next round trains on, are verified
+        (ArtifactChanged if one was changed by hand since its phase wrote it)."""
+        done = all(self.run_dir.done(self.phase(p)) for p in PHASES)
+        if done:
+            self.verify()
+        return done
+
+    def verify(self) -> None:
+        """Check the files of this iteration's done phases against the manifest (see RunDir.verify)."""
+        for p in PHASES:
+            self.run_dir.verify(self.phase(p))
+
+    @property
+    def seed(self) -> int:
+        """This iteration's sampling seed (candidates and judging), from SelfRewardConfig.seed."""
+        return self.config.seed + 1000 * self.t
 
     def _engine(self, model_dir: Optional[str]) -> tuple[Engine, object]:
         model = load_for_inference(self.backbone.model_name_or_path, model_dir, self.backbone.dtype,
                                    self.backbone.trust_remote_code).to(self.device)
         tokenizer = load_tokenizer(self.backbone.model_name_or_path, self.backbone.trust_remote_code)
         eos = {tokenizer.eos_token_id}
-        engine = Engine(model, eos, tokenizer.pad_token_id, batch_size=self.config.batch_size,
-                        seed=self.config.seed + 1000 * self.t)
+        engine = Engine(model, eos, tokenizer.pad_token_id, batch_size=self.config.batch_size, seed=self.seed)
         return engine, tokenizer
 
     def _log(self, name: str, stats: dict) -> None:
@@ -79,6 +95,7 @@ class InstructionCreator:
         c, model_dir = self.config, str(model_dir)
         dist.barrier()  # rank 0 has exported M_t
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.verify()  # the files of phases done earlier are read below: they must be the recorded ones
         files = {p: self.dir / f"{p}.jsonl" for p in PHASES}
         current = None
         if not self.run_dir.done(self.phase("prompts")):
@@ -105,7 +122,8 @@ class InstructionCreator:
             engine, tok = current = current or self._engine(model_dir)
             judge = make_judge(c.judge_mode, engine, tok, load_template(c.judge_template, "question", "response"),
                                c.judge_samples, c.judge_sampling)
-            stats = steps.judge_candidates(judge, candidates, files["judgements"], show_progress=self.show_progress)
+            stats = steps.judge_candidates(judge, candidates, files["judgements"], seed=self.seed,
+                                           show_progress=self.show_progress)
             stats["histogram"] = score_histogram(steps.existing(files["judgements"]))
             self._log("judgements", stats)
             self.run_dir.mark_done(self.phase("judgements"), stats, [files["judgements"]])

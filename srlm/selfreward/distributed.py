@@ -166,6 +166,7 @@ class SharedRunDir(RunDir):
         return result
 
     def claim(self, config_text: str, world_size: int, force: bool = False) -> None:
+        self.force = force  # every rank: each one checks the artifacts it reads (RunDir.verify)
         error = None
         if is_rank0():
             try:

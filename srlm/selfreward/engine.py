@@ -105,11 +105,13 @@ class Engine:
         share_prefix: compute the token prefix common to all prompts of a call once.
         min_prefix: shortest common prefix worth caching.
         seed: seed of the sampling generator.
+        max_batch_tokens: scoring (``next_token_logprobs``) batches hold at most this many padded prompt tokens.
     """
 
     def __init__(self, model, eos_ids: Sequence[int], pad_id: int, batch_size: int = 8, share_prefix: bool = True,
-                 min_prefix: int = 16, seed: int = 0):
+                 min_prefix: int = 16, seed: int = 0, max_batch_tokens: int = 8192):
         self.model, self.eos_ids, self.pad_id = model, set(int(i) for i in eos_ids), pad_id
+        self.max_batch_tokens = max_batch_tokens
         self.batch_size, self.share_prefix, self.min_prefix, self.seed = batch_size, share_prefix, min_prefix, seed
         self.device = next(model.parameters()).device
         self.stats = {"prefill_tokens": 0, "prefix_tokens_reused": 0, "decode_steps": 0, "generated_tokens": 0}
@@ -157,10 +159,15 @@ class Engine:
         self.stats["prefill_tokens"] += int(sum(len(s) for s in suffixes))
         return out.logits[:, -1], out.past_key_values, mask, positions[:, -1]
 
-    def _chunks(self, prompts: Sequence[Sequence[int]], size: int):
+    def _chunks(self, prompts: Sequence[Sequence[int]], size: int, max_tokens: Optional[int] = None):
+        """Batches of prompt indices, longest first; with ``max_tokens``, a batch of long prompts has fewer rows
+        (rows x longest <= max_tokens), so that its padded prefill and attention stay within bounds."""
         order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-        for start in range(0, len(order), size):
-            yield order[start:start + size]
+        start = 0
+        while start < len(order):
+            rows = size if max_tokens is None else max(1, min(size, max_tokens // max(1, len(prompts[order[start]]))))
+            yield order[start:start + rows]
+            start += rows
 
     # -- public ----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -170,7 +177,9 @@ class Engine:
         """log p(next token | prompt) for each prompt, [vocab] on the CPU each (one forward per prompt)."""
         prefix_len, layers = self._prefix_cache(prompts)
         out: list[Optional[torch.Tensor]] = [None] * len(prompts)
-        for chunk in self._chunks(prompts, self.batch_size):
+        # Scoring prompts (a judge's: rubric + question + reply) can run to thousands of tokens: batches are
+        # bounded by tokens as well as rows. Generation keeps its fixed row partition (its seeds follow it).
+        for chunk in self._chunks(prompts, self.batch_size, self.max_batch_tokens):
             if skip is not None and skip(list(chunk)):
                 continue
             logits, *_ = self._prefill([prompts[i] for i in chunk], prefix_len, layers)

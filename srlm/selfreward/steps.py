@@ -10,7 +10,8 @@ the file exactly once. A torn last line from a kill is dropped on reopening (Jso
 2. ``generate_candidates``: N samples per prompt, with each sample's log-prob under the sampling
    model (the next DPO round's reference) when the text re-tokenises to the sampled tokens.
 3. ``judge_candidates``: the judge's score for every candidate.
-4. ``make_pairs``: best against worst per prompt; ties and unscored candidates handled in pairs.py.
+4. ``make_pairs``: best against worst per prompt; ties, identical texts, unscored and cut candidates
+   handled in pairs.py.
 
 Under several processes (``torch.distributed`` initialised) the fixed batches of steps 1-3 are
 shared out, batch k to rank k % world, each batch keeping its seed; the records of each round of
@@ -217,14 +218,16 @@ def generate_candidates(engine: Engine, tokenizer, prompts: Sequence[dict], out_
 
 
 # -- 3. judging ------------------------------------------------------------------------------------
-def judge_candidates(judge: Judge, candidates: Sequence[dict], out_path: Path, *, part: int = 64, seed: int = 0,
-                     show_progress: bool = True) -> dict:
+def judge_candidates(judge: Judge, candidates: Sequence[dict], out_path: Path, *, part: int = 64,
+                     seed: Optional[int] = None, show_progress: bool = True) -> dict:
     """One judgement record per candidate: ``{id, prompt_id, score, scores, outputs?}``.
 
-    Candidates are judged in fixed parts with fixed seeds, so a resumed run judges the rest exactly
-    as an uninterrupted run would.
+    Candidates are judged in fixed parts with fixed seeds derived from ``seed`` (default: the judge
+    engine's seed), so a resumed run judges the rest exactly as an uninterrupted run would, and
+    another seed samples other judgements.
     """
     out_path = Path(out_path)
+    seed = judge.engine.seed if seed is None else seed
     have = existing(out_path)
     seen = {r["id"] for r in have}
     bar = Progress("judging", len(candidates), len(have), show_progress)
@@ -264,12 +267,19 @@ def judge_candidates(judge: Judge, candidates: Sequence[dict], out_path: Path, *
 
 
 # -- 4. pairs --------------------------------------------------------------------------------------
-def make_pairs(candidates: Sequence[dict], judgements: Sequence[dict], out_path: Path, *, min_margin: float = 0.0) -> dict:
-    """Join candidates with their scores and write the preference pairs (atomically; rank 0 only)."""
+def make_pairs(candidates: Sequence[dict], judgements: Sequence[dict], out_path: Path, *, min_margin: float = 0.0,
+               allow_unfinished_chosen: bool = False) -> dict:
+    """Join candidates with their scores and write the preference pairs (atomically; rank 0 only).
+
+    Identical responses are never paired, and a response cut at max_new_tokens is never chosen unless
+    ``allow_unfinished_chosen`` (see pairs.py); a cut one that is rejected is marked ``rejected_finished: false``,
+    and training appends no end-of-turn token to it.
+    """
     scores = {j["id"]: j["score"] for j in judgements}
     joined = [{"prompt_id": c["prompt_id"], "prompt": c["prompt"], "candidate_id": c["id"], "response": c["response"],
-               "score": scores.get(c["id"]), "logp": c.get("logp")} for c in candidates]
-    pairs, stats = build_pairs(joined, min_margin=min_margin)
+               "score": scores.get(c["id"]), "logp": c.get("logp"), "finished": c.get("finished", True)}
+              for c in candidates]
+    pairs, stats = build_pairs(joined, min_margin=min_margin, allow_unfinished_chosen=allow_unfinished_chosen)
     by_id = {c["id"]: c for c in candidates}
     for pair in pairs:  # harvested reference log-probs travel with the pair, with the tokens they score
         chosen, rejected = by_id[pair["chosen_id"]], by_id[pair["rejected_id"]]
