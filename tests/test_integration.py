@@ -40,7 +40,11 @@ def test_smoke_loop_on_the_embedded_model(tmp_path):
     for name in ("prompts", "candidates", "judgements", "pairs"):
         rows = [json.loads(x) for x in open(run / "iter_1" / f"{name}.jsonl")]
         assert rows and len({r["id"] for r in rows}) == len(rows)
-    assert (run / "report.md").exists() and len(list((run / "plots").glob("*.png"))) == 3
+    assert (run / "report.md").exists() and len(list((run / "plots").glob("*.png"))) == 4
+    assert (run / "plots" / "learning_curve.png").exists()
+    for name in ("base", "m1", "iter_1"):  # IFEval and the judge for M0, M1, M2
+        assert manifest["phases"][f"ifeval/{name}"]["counts"]["n_prompts"] == 4
+        assert manifest["phases"][f"eval/{name}"]["done"]
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "oasst1-en-sample.jsonl").exists(), reason="../shared/data is absent")

@@ -23,7 +23,7 @@ def run_loop(tiny_model, run_dir, **loop_args):
     data = SFTDataModule(max_length=256, max_prompt_length=192, batch_size=2, val_fraction=0.0)
     self_reward = SelfRewardConfig(num_prompts=3, few_shot=3, num_candidates=3, judge_mode="logit",
                                    prompt_sampling=Sampling(1.0, 1.0, 16), candidate_sampling=Sampling(1.0, 1.0, 12),
-                                   batch_size=4)
+                                   batch_size=4, allow_unfinished_chosen=True)  # the tiny model rarely ends a turn
     evaluation = EvalConfig(max_prompts=3, h2h_prompts=2, max_new_tokens=8, ifeval_max_prompts=4,
                             ifeval_max_new_tokens=12)
     return trainer.loop(model, data, run_dir=str(run_dir), iterations=1, self_reward=self_reward,
@@ -31,10 +31,7 @@ def run_loop(tiny_model, run_dir, **loop_args):
                         evaluation=evaluation, **loop_args)
 
 
-def test_loop_evaluates_base_sft_baseline_and_every_model(tiny_model, tmp_path, monkeypatch):
-    from test_loop import allow_unfinished_chosen
-
-    allow_unfinished_chosen(monkeypatch)
+def test_loop_evaluates_base_sft_baseline_and_every_model(tiny_model, tmp_path):
     run = tmp_path / "run"
     manifest = run_loop(tiny_model, run, sft_baseline=True)
     phases = manifest["phases"]
@@ -97,12 +94,9 @@ def test_same_data_keeps_every_setting_and_ignores_cli_bookkeeping():
     assert copy.ift_files == ["seed:ift.jsonl"] and copy.eft_files == []
 
 
-def test_loop_selects_checkpoints_and_records_the_choice(tiny_model, tmp_path, monkeypatch):
-    from test_loop import allow_unfinished_chosen
-
+def test_loop_selects_checkpoints_and_records_the_choice(tiny_model, tmp_path):
     from srlm.selfreward.select import SelectionConfig
 
-    allow_unfinished_chosen(monkeypatch)
     selection = SelectionConfig(metric="judge", every_n_steps=1, max_prompts=3, phases=["m1", "dpo"])
     manifest = run_loop(tiny_model, tmp_path / "run", selection=selection)
     for phase in ("m1", "iter_1/train"):

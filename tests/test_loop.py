@@ -30,7 +30,9 @@ def run_loop(tiny_model, run_dir, iterations=1, judge_mode="logit", **overrides)
     data = SFTDataModule(max_length=256, max_prompt_length=192, batch_size=2, val_fraction=0.0)
     self_reward = SelfRewardConfig(num_prompts=4, few_shot=3, num_candidates=3, judge_mode=judge_mode, judge_samples=2,
                                    prompt_sampling=Sampling(1.0, 1.0, 16), candidate_sampling=Sampling(1.0, 1.0, 12),
-                                   judge_sampling=Sampling(1.0, 1.0, 6), batch_size=2, **overrides)
+                                   judge_sampling=Sampling(1.0, 1.0, 6), batch_size=2,
+                                   # the tiny model hardly ever ends a turn within 12 tokens: pairs need cut ones
+                                   **{"allow_unfinished_chosen": True, **overrides})
     return trainer.loop(model, data, run_dir=str(run_dir), iterations=iterations, self_reward=self_reward,
                         dpo=DPORoundConfig(max_steps=2, max_length=256, max_prompt_length=128), checkpoint_every=1,
                         evaluation=EvalConfig(max_prompts=3, h2h_prompts=2, max_new_tokens=8, ifeval_max_prompts=3,
@@ -41,20 +43,9 @@ def records(path):
     return [json.loads(line) for line in open(path)]
 
 
-def allow_unfinished_chosen(monkeypatch):
-    """The tiny model hardly ever ends a turn within 12 tokens, and a cut response is never chosen by default:
-    allow it, so that every iteration has pairs and a DPO round."""
-    from srlm.selfreward import steps
-    from srlm.selfreward.pairs import build_pairs
-
-    monkeypatch.setattr(steps, "build_pairs",
-                        lambda cands, **kw: build_pairs(cands, **{**kw, "allow_unfinished_chosen": True}))
-
-
-def test_loop_runs_every_phase_and_writes_every_artifact(tiny_model, tmp_path, monkeypatch):
+def test_loop_runs_every_phase_and_writes_every_artifact(tiny_model, tmp_path):
     import datasets
 
-    allow_unfinished_chosen(monkeypatch)
 
     run = tmp_path / "run"
     manifest = run_loop(tiny_model, run, iterations=2)

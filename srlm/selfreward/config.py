@@ -41,6 +41,10 @@ class SelfRewardConfig:
     """Judge prompt template (bundled name or path; placeholders {question} and {response})."""
     min_margin: float = 0.0
     """A pair needs best - worst > min_margin; equal scores are always dropped."""
+    allow_unfinished_chosen: bool = False
+    """Let a candidate cut at ``candidate_sampling.max_new_tokens`` be chosen (its pair then trains no
+    end-of-turn token). Off: DPO would teach stopping mid-sentence. For quick checks whose short candidates
+    rarely finish."""
     positive_only: bool = False
     """The paper's 'positive examples only' variant: add top-scoring responses to SFT data instead of DPO."""
     positive_min_score: float = 4.5

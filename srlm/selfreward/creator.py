@@ -129,7 +129,8 @@ class InstructionCreator:
             self.run_dir.mark_done(self.phase("judgements"), stats, [files["judgements"]])
         judgements = steps.existing(files["judgements"])
         if not self.run_dir.done(self.phase("pairs")):
-            stats = steps.make_pairs(candidates, judgements, files["pairs"], min_margin=c.min_margin)
+            stats = steps.make_pairs(candidates, judgements, files["pairs"], min_margin=c.min_margin,
+                                     allow_unfinished_chosen=c.allow_unfinished_chosen)
             written = [files["pairs"]]
             if c.positive_only:
                 scores = {j["id"]: j["score"] for j in judgements}
