@@ -242,7 +242,8 @@ def _parse_item(obj: dict, path, line: int) -> dict:
 
 
 def load_ifeval(path: str, max_prompts: Optional[int] = None) -> list[dict]:
-    """IFEval prompts ``{key, prompt, instruction_id_list, kwargs}`` from a jsonl (``seed:`` names a shipped file).
+    """IFEval prompts ``{key, prompt, instruction_id_list, kwargs}`` from a jsonl (``seed:`` names a shipped file;
+    ``id`` stands for a missing ``key``, as in srlm's constraint files; other fields are dropped).
 
     Every line is validated (fields, known instruction ids, arguments the checker accepts, unique
     keys); a bad line raises ``RecordError`` (a ValueError) naming the file, line and field.
@@ -250,6 +251,8 @@ def load_ifeval(path: str, max_prompts: Optional[int] = None) -> list[dict]:
     resolved = resolve_path(path)
     items, lines = [], {}
     for number, obj in iter_jsonl(resolved):
+        if obj.get("key") is None and obj.get("id") is not None:  # srlm's constraint files name it "id"
+            obj = {**obj, "key": obj["id"]}
         item = _parse_item(obj, resolved, number)
         key = str(item["key"])
         if key in lines:

@@ -44,8 +44,7 @@ import lightning as L
 import torch
 
 from srlm.data.chat import encode_prompt
-from srlm.data.datamodule import resolve_path
-from srlm.data.records import RecordError, iter_jsonl, write_json
+from srlm.data.records import write_json
 from srlm.selfreward.engine import Engine, Sampling
 
 log = logging.getLogger(__name__)
@@ -96,29 +95,10 @@ class SelectionConfig:
 
 # -- measuring -------------------------------------------------------------------------------------
 def load_constraint_prompts(path: str, max_prompts: Optional[int] = None) -> list[dict]:
-    """IFEval-format prompts ``{key, prompt, instruction_id_list, kwargs}``, validated as ``load_ifeval`` does.
+    """IFEval-format prompts, validated by ``load_ifeval`` (which takes ``id`` for a missing ``key``)."""
+    from srlm.evaluation.ifeval import load_ifeval
 
-    Also accepts ``id`` where ``key`` is missing (srlm's constraint files carry ``id`` and a
-    ``response``); other fields are dropped.
-    """
-    from srlm.evaluation.ifeval import _parse_item
-
-    resolved = resolve_path(path)
-    items, lines = [], {}
-    for number, obj in iter_jsonl(resolved):
-        if obj.get("key") is None and obj.get("id") is not None:
-            obj = {**obj, "key": obj["id"]}
-        item = _parse_item(obj, resolved, number)
-        key = str(item["key"])
-        if key in lines:
-            raise RecordError(resolved, number, "key", f"duplicate key {item['key']!r} (first on line {lines[key]})")
-        lines[key] = number
-        items.append(item)
-        if max_prompts is not None and len(items) >= max_prompts:
-            break
-    if not items:
-        raise ValueError(f"{resolved}: no IFEval-format prompts")
-    return items
+    return load_ifeval(path, max_prompts)
 
 
 def _accepts_logits_to_keep(model) -> bool:
