@@ -237,6 +237,21 @@ def _tree_side(tree_id: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
+def read_ranked(path: str) -> list[RankedPrompt]:
+    """RankedPrompt records from a ranked jsonl (``seed:`` paths allowed), or from an OpenAssistant export
+    converted on the fly."""
+    from srlm.data.datamodule import resolve_path  # lazy: datamodule imports lightning
+    from srlm.data.records import parse_ranked, read_records
+
+    resolved = resolve_path(path)
+    first = next(iter_jsonl(resolved), None)
+    if first is None:
+        raise ValueError(f"{resolved}: no records")
+    if "message_id" in first[1]:  # an oasst message-tree export, not ranked records
+        return build_ranked(load_messages(resolved))
+    return read_records(resolved, parse_ranked)
+
+
 def split_ranked(
     input: str,
     train_output: str,
@@ -269,19 +284,9 @@ def split_ranked(
         Counts: ``prompts`` read, ``train`` and ``eval`` prompts written, ``train_replies`` and
         ``eval_replies``.
     """
-    from srlm.data.datamodule import resolve_path  # lazy: datamodule imports lightning
-    from srlm.data.records import parse_ranked, read_records
-
     if not 0.0 <= eval_fraction <= 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1], got {eval_fraction}")
-    path = resolve_path(input)
-    first = next(iter_jsonl(path), None)
-    if first is None:
-        raise ValueError(f"{path}: no records")
-    if "message_id" in first[1]:  # an oasst message-tree export, not ranked records
-        ranked = build_ranked(load_messages(path))
-    else:
-        ranked = read_records(path, parse_ranked)
+    ranked = read_ranked(input)
     train, held = [], []
     for prompt in ranked:
         (held if _tree_side(prompt.id, seed) < eval_fraction else train).append(prompt)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from srlm.data.records import read_jsonl
+from srlm.data.records import read_jsonl, write_json
 
 REWARD_KEYS = (  # key, label, shown as percent
     ("pairwise_accuracy", "pairwise acc.", True),
@@ -389,8 +389,6 @@ def _curve_section(root: Path, phases: dict, plots: Path, notes: list[str], imag
                   f"{_fmt(next((r['reward'].get('n_pairs') for r in rows if r['reward']), None))} human-ranked "
                   "reply pairs of held-out prompts.", ""]
     try:
-        from srlm.data.records import write_json
-
         write_json(root / "learning_curve.json", rows)
     except OSError as err:
         notes.append(f"learning_curve.json not written: {err}")

@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
-from srlm.data.datamodule import resolve_path
-from srlm.data.oasst import build_ranked, load_messages
-from srlm.data.records import RankedPrompt, iter_jsonl, parse_ranked, read_records, write_json, write_jsonl
+from srlm.data.oasst import read_ranked
+from srlm.data.records import RankedPrompt, write_json, write_jsonl
 from srlm.evaluation.loading import load_engine, release, resolve_model
 from srlm.metrics.reward import RewardMetrics
 from srlm.models.backbone import DEFAULT_MODEL
@@ -35,14 +34,7 @@ SCORES_FILE, METRICS_FILE = "reward_scores.jsonl", "reward_metrics.json"
 
 def load_ranked(eval_file: str, max_prompts: Optional[int] = None) -> list[RankedPrompt]:
     """RankedPrompt records from a ranked jsonl, or from an OpenAssistant export converted on the fly."""
-    path = resolve_path(eval_file)
-    first = next(iter_jsonl(path), None)
-    if first is None:
-        raise ValueError(f"{path}: no records")
-    if "message_id" in first[1]:  # an oasst message-tree export, not ranked records
-        ranked = build_ranked(load_messages(path))
-    else:
-        ranked = read_records(path, parse_ranked)
+    ranked = read_ranked(eval_file)
     return ranked[:max_prompts] if max_prompts is not None else ranked
 
 

@@ -117,7 +117,9 @@ class Engine:
         self.stats = {"prefill_tokens": 0, "prefix_tokens_reused": 0, "decode_steps": 0, "generated_tokens": 0}
         # Prefill needs the logits of the last position only: the vocabulary projection of every other
         # position is about a fifth of a small model's prefill work.
-        accepts = inspect.signature(model.forward).parameters
+        # A peft model's forward takes **kwargs and hands them to the model it wraps: look at that one.
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        accepts = inspect.signature(inner.forward).parameters
         self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
 
     # -- prefill ---------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ selects over the whole phase.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -101,23 +100,10 @@ def load_constraint_prompts(path: str, max_prompts: Optional[int] = None) -> lis
     return load_ifeval(path, max_prompts)
 
 
-def _accepts_logits_to_keep(model) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
-
-
 def make_engine(model, tokenizer, batch_size: int = 16) -> Engine:
-    """An Engine on the model being trained (a peft model or a plain HF causal LM), unmerged.
-
-    ``Engine`` looks for ``logits_to_keep`` in ``model.forward``'s signature; a PeftModel's forward takes
-    ``**kwargs`` (passed through to the wrapped model), so the check is made on the wrapped model here
-    and the prefill computes the vocabulary projection of the last position only, as on a merged model.
-    """
+    """An Engine on the model being trained (a peft model or a plain HF causal LM), unmerged."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    engine = Engine(model, [tokenizer.eos_token_id], pad, batch_size=batch_size)
-    if not getattr(engine, "_last_only", None) and _accepts_logits_to_keep(model):
-        engine._last_only = {"logits_to_keep": 1}
-    return engine
+    return Engine(model, [tokenizer.eos_token_id], pad, batch_size=batch_size)
 
 
 def _nan_if_none(value) -> float:
