@@ -50,6 +50,7 @@ EXTRA_COMMANDS = {
     "head-to-head": "srlm.evaluation.head_to_head:compare",
     "report": "srlm.evaluation.report:write_report",
     "build-eft": "srlm.selfreward.build_eft:build_eft",
+    "build-eft-checked": "srlm.selfreward.checked_eft:build_checked_eft",
     "split-ranked": "srlm.data.oasst:split_ranked",
     "ifeval": "srlm.evaluation.ifeval:ifeval",
 }
