@@ -19,4 +19,4 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs the embedded 135M model (CI runs these too)")
+    config.addinivalue_line("markers", "slow: runs the embedded 135M model, a whole loop or several processes (CI runs these too)")

@@ -144,6 +144,7 @@ def records(path):
     return [json.loads(line) for line in open(path)]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_training_equals_one_process_with_the_same_global_batch(tiny_model, tmp_path):
     run_script(tmp_path, "train.py", TRAIN, tiny_model, 1, 4, tmp_path / "one.pt")
     run_script(tmp_path, "train.py", TRAIN, tiny_model, 2, 2, tmp_path / "two.pt", timeout=180)  # a hang fails
@@ -163,6 +164,7 @@ def test_two_process_ddp_training_equals_one_process_with_the_same_global_batch(
         assert (tmp_path / exported / "adapter_config.json").exists()
 
 
+@pytest.mark.slow
 def test_two_process_generation_writes_each_record_once_and_as_one_process(tiny_model, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run_script(tmp_path, "steps.py", STEPS, tiny_model, 1, one, 0)
@@ -195,6 +197,7 @@ def smoke(tiny_model, run_dir, devices):
     return json.loads((run_dir / "manifest.json").read_text())
 
 
+@pytest.mark.slow
 def test_smoke_loop_under_two_process_ddp_matches_one_process(tiny_model, tmp_path):
     one = smoke(tiny_model, tmp_path / "one", 1)
     two = smoke(tiny_model, tmp_path / "two", 2)

@@ -3,6 +3,7 @@
 import json
 
 import lightning as L
+import pytest
 
 from srlm.data.datamodule import SFTDataModule, load_sft_file
 from srlm.evaluation.report import learning_curve, write_report
@@ -31,6 +32,7 @@ def run_loop(tiny_model, run_dir, **loop_args):
                         evaluation=evaluation, **loop_args)
 
 
+@pytest.mark.slow
 def test_loop_evaluates_base_sft_baseline_and_every_model(tiny_model, tmp_path):
     run = tmp_path / "run"
     manifest = run_loop(tiny_model, run, sft_baseline=True)
@@ -94,6 +96,7 @@ def test_same_data_keeps_every_setting_and_ignores_cli_bookkeeping():
     assert copy.ift_files == ["seed:ift.jsonl"] and copy.eft_files == []
 
 
+@pytest.mark.slow
 def test_loop_selects_checkpoints_and_records_the_choice(tiny_model, tmp_path):
     from srlm.selfreward.select import SelectionConfig
 

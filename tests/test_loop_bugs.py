@@ -154,6 +154,7 @@ def tiny_loop(tiny_model, run_dir, force=False, **overrides):
                         force=force, evaluation=EvalConfig(enabled=False))
 
 
+@pytest.mark.slow
 def test_resumed_loop_refuses_a_truncated_artifact(tiny_model, tmp_path):
     run = tmp_path / "run"
     tiny_loop(tiny_model, run)
@@ -182,6 +183,7 @@ def positive_rounds(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 def test_positive_round_adds_positives_to_m1_data(tiny_model, tmp_path, positive_rounds, monkeypatch):
     import srlm.selfreward.creator as creator_module
 
@@ -204,6 +206,7 @@ def test_positive_round_adds_positives_to_m1_data(tiny_model, tmp_path, positive
     assert Path(manifest["final_model"]) == run / "iter_1" / "model"
 
 
+@pytest.mark.slow
 def test_positive_round_without_positives_keeps_m_t(tiny_model, tmp_path):
     run = tmp_path / "run"
     manifest = tiny_loop(tiny_model, run, positive_only=True, positive_min_score=5.5)  # no response can reach it
