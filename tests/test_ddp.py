@@ -239,7 +239,7 @@ def test_one_process_helpers():
     from srlm.selfreward import distributed as dist
 
     assert (dist.rank(), dist.world_size(), dist.is_rank0()) == (0, 1, True)
-    assert dist.all_gather({"a": 1}) == [{"a": 1}] and dist.gather_to_rank0(3) == [3] and dist.broadcast(4) == 4
+    assert dist.all_gather({"a": 1}) == [{"a": 1}] and dist.broadcast(4) == 4
     seen = []
     gather = dist.RoundGather(seen.extend)
     gather.step([1, 2])

@@ -23,7 +23,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Iterable, Iterator, Sequence
 
 
 class RecordError(ValueError):
@@ -170,7 +170,6 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         yield number, obj
 
 
-T = TypeVar("T")
 
 
 def read_records(path: str | os.PathLike, parse) -> list:

@@ -12,7 +12,7 @@ Two judge modes:
 - ``logit``: the ``Verdict:`` cue is forced and the probabilities of the next tokens ``A`` and
   ``B`` are compared (a tie only when they are equal, which order flips make common enough).
 
-    python main.py compare --model_a runs/loop/iter_1 --model_b runs/loop/m1 --output_dir runs/loop/h2h
+    python main.py head-to-head --model_a runs/loop/iter_1 --model_b runs/loop/m1 --output_dir runs/loop/h2h
 """
 
 from __future__ import annotations

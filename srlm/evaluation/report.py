@@ -33,7 +33,7 @@ REWARD_KEYS = (  # key, label, shown as percent
     ("spearman", "Spearman", False),
     ("kendall_tau", "Kendall tau", False),
 )
-# Published reward-modelling figures (Llama 2 70B), for scale; see METHOD.md.
+# Published reward-modelling figures (Llama 2 70B, EFT eval split; Yuan et al. 2024), for scale.
 PAPER_REWARD = {
     "SFT": (0.651, 0.101, 0.396, 0.253, 0.233),
     "M1": (0.787, 0.131, 0.415, 0.279, 0.253),
@@ -407,7 +407,7 @@ def _h2h_section(phases: dict) -> list[str]:
         if rates is None:
             continue
         name = key.split("/")[1]
-        against = counts.get("against") or counts.get("opponent")
+        against = counts.get("against")
         who = f"{model_label(name)} vs {against}" if against else model_label(name)
         rows.append([who, f"{rates[0]:.1f}%", f"{rates[1]:.1f}%", f"{rates[2]:.1f}%", _fmt(rates[3])])
     if not rows:

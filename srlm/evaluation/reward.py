@@ -9,7 +9,7 @@ the rubric prefix shared by all judge prompts is computed once. Writes to ``outp
 - ``reward_metrics.json``: the metrics, recomputable from the scores file alone with
   ``reward_metrics_from_scores``.
 
-    python main.py evaluate-reward --model runs/loop/iter_1 --output_dir runs/loop/eval/iter_1
+    python main.py evaluate --model runs/loop/iter_1 --output_dir runs/loop/eval/iter_1
 """
 
 from __future__ import annotations

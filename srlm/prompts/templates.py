@@ -34,10 +34,6 @@ class PromptTemplate:
     def fill(self, **values: str) -> str:
         return _PLACEHOLDER.sub(lambda m: values[m.group(1)] if m.group(1) in values else m.group(0), self.text)
 
-    def prefix(self, first_field: str) -> str:
-        """The constant text before ``{first_field}``: the part shared by every filled prompt."""
-        return self.text.split("{" + first_field + "}", 1)[0]
-
 
 def load_template(name_or_path: str, *required: str) -> PromptTemplate:
     path = Path(name_or_path)

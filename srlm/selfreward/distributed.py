@@ -54,12 +54,6 @@ def all_gather(obj: Any) -> list:
     return out
 
 
-def gather_to_rank0(obj: Any) -> Optional[list]:
-    """Every rank's ``obj`` in rank order on rank 0; None on the other ranks."""
-    gathered = all_gather(obj)
-    return gathered if is_rank0() else None
-
-
 def broadcast(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if world_size() == 1:
