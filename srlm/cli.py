@@ -21,16 +21,13 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 class SRLMCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict:
-        commands = dict(LightningCLI.subcommands())
-        if hasattr(SRLMTrainer, "loop"):
-            commands["loop"] = {"model", "datamodule"}
-        return commands
+        return {**LightningCLI.subcommands(), "loop": {"model", "datamodule"}}
 
 
 def lightning_main(args=None) -> None:
     parser_kwargs = {}
     default_loop = CONFIG_DIR / "loop.yaml"
-    if default_loop.exists() and hasattr(SRLMTrainer, "loop"):
+    if default_loop.exists():
         parser_kwargs["loop"] = {"default_config_files": [str(default_loop)]}
     SRLMCLI(
         model_class=None, datamodule_class=None, trainer_class=SRLMTrainer,
@@ -56,19 +53,33 @@ EXTRA_COMMANDS = {
 }
 
 
+def _command(name: str):
+    import importlib
+
+    module, func = EXTRA_COMMANDS[name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def command_table() -> str:
+    """One line per command: Lightning's, ``loop``, then the data and evaluation commands (their docstrings' first lines)."""
+    rows = [("fit", "train a model (SFT or DPO) from a config"), ("validate", "validation loss of a model"),
+            ("test", "test loss of a model"), ("predict", "predictions of a model"),
+            ("loop", (SRLMTrainer.loop.__doc__ or "").strip().splitlines()[0])]
+    rows += [(name, (_command(name).__doc__ or "").strip().splitlines()[0]) for name in EXTRA_COMMANDS]
+    width = max(len(name) for name, _ in rows)
+    return "Commands (each takes --help):\n" + "\n".join(f"  {name:<{width}}  {text}" for name, text in rows)
+
+
 def main(argv=None) -> None:
     args = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in EXTRA_COMMANDS:
-        import importlib
-
         from jsonargparse import auto_cli
 
-        module, func = EXTRA_COMMANDS[argv[0]].split(":")
         # Every argument by name (--input FILE ...), as in the README, whether it has a default or not.
-        auto_cli(getattr(importlib.import_module(module), func), args=argv[1:], as_positional=False)
+        auto_cli(_command(argv[0]), args=argv[1:], as_positional=False)
         return
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
-        print("Data and evaluation commands: " + ", ".join(EXTRA_COMMANDS) + " (each with --help)\n")
+        print(command_table() + "\n")
     lightning_main(args)
