@@ -8,6 +8,7 @@ being fitted, or from ``self.tokenizer`` when the DataModule is used on its own.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,14 +77,52 @@ def fit_lengths(prompt: list[int], responses: list[list[int]], max_length: int, 
     return prompt, responses
 
 
+# Bump when tokenisation changes, so cached tokenised datasets are not reused.
+TOKENISATION_VERSION = 1
+
+
+def tokenise(rows: list[dict], tokenizer, function, what: str, **settings) -> "datasets.Dataset":
+    """``rows`` (validated records) as a Hugging Face ``datasets.Dataset``, tokenised with ``map``.
+
+    The tokenised dataset is cached by fingerprint (the rows, the tokenizer, ``settings``) as an Arrow
+    file under ``$SRLM_CACHE/datasets``: a rerun on the same data and model loads it instead of
+    tokenising again. ``function(row, tokenizer, **settings)`` returns one row's columns.
+    """
+    import datasets
+    from datasets.fingerprint import Hasher
+
+    datasets.disable_progress_bars()  # seed-sized data: a bar per phase is noise
+    data = datasets.Dataset.from_list(rows)
+    key = Hasher.hash([data._fingerprint, Hasher.hash(tokenizer), sorted(settings.items()), what,
+                       TOKENISATION_VERSION])
+    folder = Path(os.environ.get("SRLM_CACHE") or Path.home() / ".cache" / "srlm") / "datasets"
+    folder.mkdir(parents=True, exist_ok=True)
+    return data.map(lambda row: function(row, tokenizer, **settings), remove_columns=data.column_names,
+                    cache_file_name=str(folder / f"{what}-{key}.arrow"), new_fingerprint=key,
+                    load_from_cache_file=True)
+
+
+def _tokenise_sft(row: dict, tokenizer, max_length: int, max_prompt_length: int) -> dict:
+    counts = Truncation()
+    prompt, (response,) = fit_lengths(encode_prompt(tokenizer, row["prompt"]), [encode_response(tokenizer, row["response"])],
+                                      max_length, max_prompt_length, counts)
+    return {"prompt_ids": prompt, "response_ids": response, "cut_prompt": bool(counts.prompt),
+            "cut_response": bool(counts.response)}
+
+
+def _cut_counts(data) -> Truncation:
+    return Truncation(prompt=sum(data["cut_prompt"]), response=sum(data["cut_response"])) if len(data) else Truncation()
+
+
 class TokenizedSFT(Dataset):
+    """SFT examples tokenised through ``datasets`` (``self.data``); rows are served as Python lists."""
+
     def __init__(self, examples: list[records.SFTExample], tokenizer, max_length: int, max_prompt_length: int):
-        self.counts = Truncation()
-        self.items = []
-        for ex in examples:
-            prompt, (response,) = fit_lengths(encode_prompt(tokenizer, ex.prompt), [encode_response(tokenizer, ex.response)],
-                                              max_length, max_prompt_length, self.counts)
-            self.items.append((prompt, response))
+        rows = [{"prompt": ex.prompt, "response": ex.response} for ex in examples]
+        self.data = tokenise(rows, tokenizer, _tokenise_sft, "sft", max_length=max_length,
+                             max_prompt_length=max_prompt_length)
+        self.counts = _cut_counts(self.data)
+        self.items = list(zip(self.data["prompt_ids"], self.data["response_ids"])) if len(self.data) else []
         self.counts.report("SFT data", len(examples), max_length)
 
     def __len__(self) -> int:
@@ -214,33 +253,46 @@ class SFTDataModule(_BaseDataModule):
         return collate_sequences(prompts, responses, self.pad_id)
 
 
+def _tokenise_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int) -> dict:
+    # Pairs from the loop carry the sampled token ids: train on exactly those tokens (their
+    # harvested log-probs then are the reference); otherwise tokenise the text.
+    if row["chosen_token_ids"] and row["rejected_token_ids"]:
+        responses = [list(row["chosen_token_ids"]), list(row["rejected_token_ids"])]
+    else:
+        responses = [encode_response(tokenizer, row["chosen"]), encode_response(tokenizer, row["rejected"])]
+        # A response cut at max_new_tokens ("<side>_finished": false) did not end its turn: no EOS.
+        responses = [r[:-1] if row[f"{side}_finished"] is False else r
+                     for side, r in zip(("chosen", "rejected"), responses)]
+    counts = Truncation()
+    prompt, (chosen, rejected) = fit_lengths(encode_prompt(tokenizer, row["prompt"]), responses, max_length,
+                                             max_prompt_length, counts)
+    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "cut_prompt": bool(counts.prompt),
+            "cut_response": bool(counts.response)}
+
+
 class TokenizedPairs(Dataset):
-    """Preference pairs as token ids; reference log-probs, when known, are kept with each pair."""
+    """Preference pairs tokenised through ``datasets`` (``self.data``); reference log-probs, when known, are kept
+    with each pair (``items``, which the reference pass fills in)."""
 
     def __init__(self, pairs: list[records.PreferencePair], tokenizer, max_length: int, max_prompt_length: int):
-        self.counts = Truncation()
         self.pairs = pairs
+        rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
+                 "chosen_token_ids": p.extra.get("chosen_token_ids") or None,
+                 "rejected_token_ids": p.extra.get("rejected_token_ids") or None,
+                 "chosen_finished": p.extra.get("chosen_finished"), "rejected_finished": p.extra.get("rejected_finished")}
+                for p in pairs]
+        self.data = tokenise(rows, tokenizer, _tokenise_pair, "pairs", max_length=max_length,
+                             max_prompt_length=max_prompt_length)
+        self.counts = _cut_counts(self.data)
         self.items = []
-        for pair in pairs:
-            # Pairs from the loop carry the sampled token ids: train on exactly those tokens (their
-            # harvested log-probs then are the reference); otherwise tokenise the text.
-            ids = pair.extra.get("chosen_token_ids"), pair.extra.get("rejected_token_ids")
-            if ids[0] and ids[1]:
-                responses = [list(ids[0]), list(ids[1])]
-            else:
-                responses = [encode_response(tokenizer, pair.chosen), encode_response(tokenizer, pair.rejected)]
-                # A response cut at max_new_tokens ("<side>_finished": false) did not end its turn: no EOS.
-                responses = [r[:-1] if pair.extra.get(f"{side}_finished") is False else r
-                             for side, r in zip(("chosen", "rejected"), responses)]
-            before = (self.counts.prompt, self.counts.response)
-            prompt, (chosen, rejected) = fit_lengths(encode_prompt(tokenizer, pair.prompt), responses, max_length,
-                                                     max_prompt_length, self.counts)
+        for pair, row in zip(pairs, self.data):
             ref = None
-            cut = (self.counts.prompt, self.counts.response) != before
-            if "ref_chosen_logp" in pair.extra and "ref_rejected_logp" in pair.extra and not cut:
+            if "ref_chosen_logp" in pair.extra and "ref_rejected_logp" in pair.extra and not (
+                    row["cut_prompt"] or row["cut_response"]):
                 # Stored log-probs hold for the uncut pair only: a cut pair gets a reference pass.
                 ref = (float(pair.extra["ref_chosen_logp"]), float(pair.extra["ref_rejected_logp"]))
-            self.items.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "ref": ref})
+            self.items.append({"prompt": row["prompt_ids"], "chosen": row["chosen_ids"],
+                               "rejected": row["rejected_ids"], "ref": ref})
         self.counts.report("preference data", len(pairs), max_length)
 
     def __len__(self) -> int:
