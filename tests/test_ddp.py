@@ -4,7 +4,9 @@ Each multi-process case runs a script in a subprocess: Lightning's DDP launcher 
 running script for the other ranks, which must not be pytest itself.
 """
 
+import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -186,15 +188,44 @@ def test_two_process_generation_writes_each_record_once_and_as_one_process(tiny_
     assert ranks[0]["generated_tokens"] + ranks[1]["generated_tokens"] == total
 
 
-def smoke(tiny_model, run_dir, devices):
+def smoke(tiny_model, run_dir, devices, strategy="ddp", log=None):
     args = [sys.executable, "main.py", "loop", "--config", "configs/smoke.yaml",
             f"--model.init_args.backbone.model_name_or_path={tiny_model}", "--trainer.accelerator=cpu",
             f"--trainer.devices={devices}", "--trainer.enable_progress_bar=false", f"--run_dir={run_dir}"]
-    if devices > 1:
+    if strategy == "fsdp":
+        args[5:5] = ["--config", "configs/strategies/fsdp.yaml"]
+    elif devices > 1:
         args.append("--trainer.strategy=ddp")
     proc = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-5000:]
+    if log is not None:
+        log.append(proc.stderr)
     return json.loads((run_dir / "manifest.json").read_text())
+
+
+def first_dpo_loss(run_dir) -> float:
+    (metrics,) = (run_dir / "iter_1" / "dpo").rglob("metrics.csv")
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("loss")]
+    return float(rows[0]["loss"])
+
+
+@pytest.mark.slow
+def test_smoke_loop_under_two_process_fsdp2_exports_what_ddp_trains(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    log = []
+    fsdp = smoke(tiny_model, tmp_path / "fsdp", 2, strategy="fsdp", log=log)
+    assert "sharded with FSDP2 over 2 processes" in log[0]  # the weights really were sharded
+    assert fsdp["world_size"] == 2 and fsdp["phases"]["iter_1/train"]["done"]
+    assert abs(first_dpo_loss(tmp_path / "fsdp") - math.log(2)) < 1e-4
+    ddp = smoke(tiny_model, tmp_path / "ddp", 2)
+    # M1, exported from the gathered shards, is the model DDP trains on the same data
+    a = load_file(tmp_path / "fsdp" / "m1" / "model" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "ddp" / "m1" / "model" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    assert (tmp_path / "fsdp" / "iter_1" / "model" / "adapter_config.json").exists()
 
 
 @pytest.mark.slow
@@ -222,7 +253,7 @@ def test_loop_refuses_sharded_and_spawning_strategies(tmp_path):
         def __init__(self, strategy):
             self.strategy = strategy
 
-    FSDP = type("FSDPStrategy", (), {})
+    FSDP = type("FSDPStrategy", (), {})  # FSDP1; FSDP2 (ModelParallelStrategy) is allowed
     DeepSpeed = type("DeepSpeedStrategy", (), {"config": {"zero_optimization": {"stage": 3}}})
     DeepSpeed2 = type("DeepSpeedStrategy", (), {"config": {"zero_optimization": {"stage": 2}}})
     for strategy in (FSDP(), DeepSpeed()):

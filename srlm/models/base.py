@@ -10,7 +10,7 @@ from typing import Optional
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from srlm.models import optim
+from srlm.models import optim, sharding
 from srlm.models.backbone import BackboneConfig, load_tokenizer, load_trainable, write_lineage
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,22 @@ class AdapterModule(L.LightningModule):
         self.strict_loading = False
         self.exported_to: Optional[Path] = None
 
+    def configure_model(self) -> None:
+        # Under ModelParallelStrategy (FSDP2, configs/strategies/fsdp.yaml) Lightning hands the module a
+        # device mesh: shard the network over its data-parallel dimension.
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or sharding.is_sharded(self.model):
+            return
+        if self.backbone_config.load_in_4bit:
+            raise ValueError("4-bit weights cannot be sharded with FSDP: use DDP, or load_in_4bit: false")
+        if mesh.ndim > 1 and mesh["tensor_parallel"].size() > 1:
+            raise ValueError("srlm shards with FSDP only: set the strategy's tensor_parallel_size to 1")
+        sharding.shard(self.model, mesh["data_parallel"] if mesh.ndim > 1 else mesh)
+        log.info("sharded with FSDP2 over %d processes", mesh.size())
+        # The sparse LM head calls the decoder and the head apart, past the root shard group's
+        # gathering of the embeddings and the head: run the whole forward instead.
+        self.sparse_lm_head = False
+
     def configure_optimizers(self):
         return optim.configure(self, self.optim_config)
 
@@ -65,15 +81,22 @@ class AdapterModule(L.LightningModule):
         root = self.trainer.log_dir or self.trainer.default_root_dir
         return Path(root) / "adapter"
 
+    def export(self, path: Optional[str] = None) -> Optional[Path]:
+        """Write the adapter in peft's own format (or the full model without LoRA), the tokenizer and the lineage.
+
+        Rank 0 writes; under FSDP every rank first takes part in gathering the full weights.
+        """
+        state = sharding.full_state_dict(self.model) if sharding.is_sharded(self.model) else None
+        return self._write(Path(path) if path else self.export_path(), state)
+
     @rank_zero_only
-    def export(self, path: Optional[str] = None) -> Path:
-        """Write the adapter in peft's own format (or the full model without LoRA), the tokenizer and the lineage."""
-        target = Path(path) if path else self.export_path()
+    def _write(self, target: Path, state: Optional[dict]) -> Path:
         target.mkdir(parents=True, exist_ok=True)
+        extra = {} if state is None else {"state_dict": state}
         if self.backbone_config.lora:
-            self.model.save_pretrained(target, selected_adapters=["default"])
+            self.model.save_pretrained(target, selected_adapters=["default"], **extra)
         else:
-            self.model.save_pretrained(target)
+            self.model.save_pretrained(target, **extra)
         self.tokenizer.save_pretrained(target)
         write_lineage(target, self.merged_adapters, self.backbone_config)
         self.exported_to = target

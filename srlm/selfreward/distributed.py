@@ -180,19 +180,22 @@ class SharedRunDir(RunDir):
 
 
 def check_loop_strategy(trainer) -> None:
-    """Refuse strategies that shard the weights, before the loop starts.
+    """Refuse strategies the loop cannot run under, before it starts.
 
-    Generation itself runs on a separate, unsharded copy of M_t loaded from its exported folder;
-    what FSDP and DeepSpeed ZeRO-3 break is that export: the model is written by rank 0 alone, from
-    its own shard of the weights. ``fit`` alone with these strategies writes Lightning checkpoints.
+    Generation runs on a separate, unsharded copy of M_t loaded from its exported folder, and the
+    export gathers the full weights first when they are sharded (``AdapterModule.export``). FSDP2
+    (``ModelParallelStrategy``, configs/strategies/fsdp.yaml) does that; Lightning's FSDP1
+    (``FSDPStrategy``) wraps the whole LightningModule, and DeepSpeed ZeRO-3 partitions parameters
+    outside torch's view: for these the gathering is not implemented, so the loop refuses them.
     """
     name = type(trainer.strategy).__name__
     stage = getattr(trainer.strategy, "config", None) or {}
     stage = stage.get("zero_optimization", {}).get("stage", 0) if isinstance(stage, dict) else 0
-    if name.startswith("FSDP") or "ModelParallel" in name or (name.startswith("DeepSpeed") and stage >= 3):
+    if name.startswith("FSDP") or (name.startswith("DeepSpeed") and stage >= 3):
         raise ValueError(f"the self-rewarding loop cannot run under {name}{f' stage {stage}' if stage else ''}: it "
-                         "shards the weights across ranks, and each phase's model is exported by rank 0 for the "
-                         "next generation step. Use --trainer.strategy=ddp or deepspeed_stage_2 (see configs/strategies)")
+                         "shards the weights in a way srlm's export does not gather. Use FSDP2 "
+                         "(--config configs/strategies/fsdp.yaml: ModelParallelStrategy), --trainer.strategy=ddp "
+                         "or deepspeed_stage_2 (see configs/strategies)")
 
 
 def ensure_process_group(trainer) -> None:
@@ -217,7 +220,12 @@ def ensure_process_group(trainer) -> None:
                          "--trainer.strategy=ddp (one process per device, launched by Lightning or torchrun)")
     if launcher is not None:
         launcher.launch(lambda: None)  # rank 0: start the other local ranks (a no-op when launched externally)
-    strategy.setup_environment()  # device, ranks, process group
+    if "ModelParallel" in type(strategy).__name__:
+        # its setup_environment also builds the device mesh for a LightningModule that is not attached
+        # yet: start the process group alone here; each phase's fit builds the mesh.
+        strategy._setup_distributed()
+    else:
+        strategy.setup_environment()  # device, ranks, process group
     log.info("rank %d of %d ready", rank(), world_size())
     if not is_rank0():  # the other ranks repeat rank 0's messages and bars: errors only
         import transformers
