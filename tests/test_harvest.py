@@ -45,3 +45,21 @@ def test_harvested_logps_match_the_reference_pass(tiny_model, tmp_path):
         chosen, rejected = m2.reference_logps(batch)
         torch.testing.assert_close(chosen.double(), batch["ref_chosen_logp"], atol=1e-3, rtol=0)
         torch.testing.assert_close(rejected.double(), batch["ref_rejected_logp"], atol=1e-3, rtol=0)
+
+
+def test_no_harvest_where_decode_and_reference_pass_differ(tiny_model, tmp_path):
+    """bf16 (and 4-bit) decoding sums log-probs that a reference pass does not reproduce: none are kept."""
+    from srlm.selfreward.steps import harvests_exactly
+
+    tok = load_tokenizer(tiny_model)
+    fp32 = load_for_inference(tiny_model)
+    assert harvests_exactly(fp32)
+    bf16 = load_for_inference(tiny_model, dtype="bf16")
+    assert not harvests_exactly(bf16)
+    engine = Engine(bf16, [tok.eos_token_id], tok.pad_token_id, batch_size=4)
+    prompts = [{"id": f"p{i}", "prompt": f"Tell me about the number {i}."} for i in range(3)]
+    stats = generate_candidates(engine, tok, prompts, tmp_path / "cands.jsonl", n=4, sampling=Sampling(1.5, 1.0, 300),
+                                show_progress=False)
+    cands = [json.loads(x) for x in open(tmp_path / "cands.jsonl")]
+    assert any(c["finished"] for c in cands)  # finished ones would have been harvested in fp32
+    assert stats["harvested_logp"] == 0 and all(c["logp"] is None for c in cands)

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import torch
+
 from srlm.data.chat import encode_prompt
 from srlm.data.records import iter_jsonl, write_jsonl
 from srlm.prompts import PromptTemplate
@@ -162,13 +164,27 @@ def retokenizes(tokenizer, sample) -> bool:
     return ids == body
 
 
+def harvests_exactly(model) -> bool:
+    """Whether log-probs summed while decoding equal a reference pass's: fp32 weights, none quantised.
+
+    Measured (benchmarks/logprob_gap.py, SmolLM2-135M, ~50-token responses): fp32 differs by at most
+    5e-4 nats per sequence; bf16 by up to 1.0 and 4-bit NF4 by up to 0.9, far more than the 0.05 a
+    DPO margin bears at beta 0.1, so in those precisions the DPO round computes its reference instead.
+    """
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return False
+    return all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())
+
+
 def generate_candidates(engine: Engine, tokenizer, prompts: Sequence[dict], out_path: Path, *, n: int = 4,
                         sampling: Sampling = Sampling(0.7, 0.9, 256), show_progress: bool = True) -> dict:
     """``n`` responses per prompt record ``{id, prompt}``, appended as each batch of prompts completes.
 
     Empty responses are recorded (``"empty": true``) so that a rerun knows they were made; they are
-    never judged or paired.
+    never judged or paired. A finished response's summed log-prob (``logp``) is kept as its DPO
+    reference only where it is exact (``harvests_exactly``); elsewhere it is null and recomputed.
     """
+    harvest = harvests_exactly(engine.model)
     out_path = Path(out_path)
     have = existing(out_path)
     seen = {r["id"] for r in have}
@@ -198,7 +214,7 @@ def generate_candidates(engine: Engine, tokenizer, prompts: Sequence[dict], out_
                     rows.append({"id": cid(i, k), "prompt_id": prompts[i]["id"], "prompt": prompts[i]["prompt"],
                                  "candidate": k, "response": response, "finished": sample.finished,
                                  "n_tokens": len(sample.token_ids), "token_ids": sample.token_ids,
-                                 "logp": sample.logp if sample.finished else None,
+                                 "logp": sample.logp if sample.finished and harvest else None,
                                  "retokenizes": retokenizes(tokenizer, sample), "empty": not response.strip()})
             gather.step(rows)
 
