@@ -220,24 +220,6 @@ def write_ranked(path: Path) -> str:
     return str(path)
 
 
-@pytest.fixture
-def scripted_judge(monkeypatch):
-    """The tiny random model's text, replaced by a judgement whose score is a function of the sampled tokens:
-    the engine, its batches, seeds and resume are real; the verdicts parse."""
-    from srlm.selfreward.judge import GenerativeJudge, JudgeResult
-
-    def result(self, samples):
-        texts = []
-        for s in samples:
-            h = sum(s.token_ids) + 3 * len(s.token_ids)
-            texts.append(f"Judged {len(s.token_ids)} tokens, checksum {h}.\n**Score:** {h % 6}" if h % 7 else "no verdict")
-        scores = [parse_score(t) for t in texts]
-        valid = [x for x in scores if x is not None]
-        return JudgeResult(sum(valid) / len(valid) if valid else None, scores, texts)
-
-    monkeypatch.setattr(GenerativeJudge, "_result", result)
-
-
 def test_build_eft_end_to_end_and_resume(tiny_model, tmp_path, scripted_judge):
     from srlm.data.datamodule import SFTDataModule
 

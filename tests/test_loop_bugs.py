@@ -146,9 +146,9 @@ def tiny_loop(tiny_model, run_dir, force=False, **overrides):
                           default_root_dir=str(run_dir), limit_val_batches=0, logger=True)
     model = SFTModule(BackboneConfig(model_name_or_path=tiny_model))
     data = SFTDataModule(max_length=256, max_prompt_length=192, batch_size=2, val_fraction=0.0)
-    self_reward = SelfRewardConfig(num_prompts=2, few_shot=3, num_candidates=2, judge_mode="logit",
-                                   prompt_sampling=Sampling(1.0, 1.0, 16), candidate_sampling=Sampling(1.0, 1.0, 8),
-                                   batch_size=2, **overrides)
+    self_reward = SelfRewardConfig(**{**dict(num_prompts=2, few_shot=3, num_candidates=2, judge_mode="logit",
+                                             prompt_sampling=Sampling(1.0, 1.0, 16),
+                                             candidate_sampling=Sampling(1.0, 1.0, 8), batch_size=2), **overrides})
     return trainer.loop(model, data, run_dir=str(run_dir), iterations=1, self_reward=self_reward,
                         dpo=DPORoundConfig(max_steps=1, max_length=256, max_prompt_length=128), checkpoint_every=1,
                         force=force, evaluation=EvalConfig(enabled=False))

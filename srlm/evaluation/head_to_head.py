@@ -28,6 +28,7 @@ from srlm.evaluation.loading import load_engine, release, resolve_model
 from srlm.models.backbone import DEFAULT_MODEL
 from srlm.prompts import PromptTemplate, load_template
 from srlm.selfreward.engine import Engine, Sampling
+from srlm.selfreward.judge import choice_token_ids
 
 VERDICTS = ("A", "B", "tie")
 # "Verdict" as a label (":", "=", "is" or a dash), then the choice. A and B are upper-case only, so
@@ -43,21 +44,6 @@ def parse_verdict(judge_output: str) -> Optional[str]:
         return None
     v = found[-1].group("v")
     return "tie" if v.lower() == "tie" else v
-
-
-def choice_token_ids(tokenizer, cue: str, choices: Sequence[str] = ("A", "B")) -> tuple[list[int], list[int]]:
-    """(cue token ids, one token id per choice) such that cue + choice tokenises as the cue then one token."""
-    for cue_text, fmt in ((cue, " {c}"), (cue + " ", "{c}"), (cue, "{c}")):
-        cue_ids = tokenizer(cue_text, add_special_tokens=False)["input_ids"]
-        ids = []
-        for c in choices:
-            full = tokenizer(cue_text + fmt.format(c=c), add_special_tokens=False)["input_ids"]
-            if full[:len(cue_ids)] != cue_ids or len(full) != len(cue_ids) + 1:
-                break
-            ids.append(full[-1])
-        if len(ids) == len(choices) and len(set(ids)) == len(ids):
-            return cue_ids, ids
-    raise ValueError(f"the tokenizer has no single-token {'/'.join(choices)} after the cue '{cue}': use mode generative")
 
 
 def verdict_outcome(first: Optional[str], second: Optional[str]) -> str:

@@ -270,12 +270,20 @@ def _iteration_section(run_dir: Path, phases: dict, t: int, plots: Path, notes: 
         ["candidates unscored", _fmt(unparsed)],
         ["preference pairs", _fmt(pairs.get("pairs", train.get("pairs")))],
         ["pairs dropped (tied scores)", _fmt(pairs.get("dropped_tie"))],
+        ["judge score histogram", ", ".join(f"{k}: {v}" for k, v in histogram.items()) or "–"],
         ["DPO steps", _fmt(train.get("steps"))],
         ["DPO final loss", _fmt(last(dpo_rows, "loss"))],
         ["DPO final reward accuracy (train)", _fmt(last(dpo_rows, "rewards/accuracies"), percent=True)],
         ["DPO final reward accuracy (val)", _fmt(last(dpo_rows, "val/rewards/accuracies"), percent=True)],
         ["DPO final reward margin", _fmt(last(dpo_rows, "rewards/margins"))],
     ]
+    meta = pairs.get("meta_judge") if isinstance(pairs.get("meta_judge"), dict) else None
+    if meta:  # Meta-Rewarding's judge pairs (self_reward.meta_judge)
+        rows += [["meta-judge: candidates with disagreeing judgements", _fmt(meta.get("disagreeing"))],
+                 ["meta-judge: comparisons / ties (order flips)", f"{_fmt(meta.get('comparisons'))} / {_fmt(meta.get('ties'))}"],
+                 ["meta-judge: no clear best/worst", _fmt(meta.get("no_clear_order"))],
+                 ["judge pairs trained (before the share cap)",
+                  f"{_fmt(meta.get('judge_pairs'))} ({_fmt(meta.get('judge_pairs_before_cap'))})"]]
     rows += [[f"M{t + 1} {label}", _fmt(reward.get(key), percent)] for key, label, percent in REWARD_KEYS]
     rows.append([f"M{t + 1} head to head: win / tie / loss",
                  "–" if h2h is None else f"{h2h[0]:.1f}% / {h2h[1]:.1f}% / {h2h[2]:.1f}% (n={_fmt(h2h[3])})"])

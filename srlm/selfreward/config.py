@@ -49,10 +49,26 @@ class SelfRewardConfig:
     """The paper's 'positive examples only' variant: add top-scoring responses to SFT data instead of DPO."""
     positive_min_score: float = 4.5
     """Score a response needs to count as a positive example."""
+    meta_judge: bool = False
+    """Meta-Rewarding's meta-judge: M_t compares its own disagreeing judgements of a candidate (both orders), and
+    the best against the worst judgement trains the judge in the same DPO round (srlm/selfreward/meta_judge.py).
+    Needs judge_mode generative with judge_samples >= 2."""
+    meta_judge_share: float = 0.25
+    """Largest share of a DPO round's pairs that are judge pairs (the rest are actor pairs)."""
+    meta_judge_template: str = "meta_judge"
+    """Meta-judge template (bundled name or path; {rubric}, {question}, {response}, {judgement_a}, {judgement_b})."""
     batch_size: int = 8
     """Prompts per generate call (each with its N samples)."""
     seed: int = 0
     """Seed for few-shot sampling and generation."""
+
+    def __post_init__(self):
+        if self.meta_judge and (self.judge_mode != "generative" or self.judge_samples < 2):
+            raise ValueError("self_reward.meta_judge compares a candidate's judgements with each other: it needs "
+                             "judge_mode: generative and judge_samples >= 2 (got "
+                             f"judge_mode: {self.judge_mode}, judge_samples: {self.judge_samples})")
+        if not 0.0 <= self.meta_judge_share < 1.0:
+            raise ValueError(f"self_reward.meta_judge_share must be in [0, 1), got {self.meta_judge_share}")
 
 
 @dataclass

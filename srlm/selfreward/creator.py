@@ -31,6 +31,7 @@ from srlm.prompts import load_template
 from srlm.selfreward import distributed as dist
 from srlm.selfreward import steps
 from srlm.selfreward.config import SelfRewardConfig
+from srlm.selfreward.meta_judge import META_FIELDS, JUDGE_PAIRS, cap_judge_pairs, meta_judge
 from srlm.selfreward.engine import Engine
 from srlm.selfreward.judge import make_judge
 from srlm.selfreward.pairs import positive_examples
@@ -140,6 +141,16 @@ class InstructionCreator:
                 if dist.is_rank0():
                     write_jsonl(self.dir / "positives.jsonl", positives)
                 written.append(self.dir / "positives.jsonl")
+            if c.meta_judge:
+                engine, tok = current = current or self._engine(model_dir)
+                judge_pairs, meta = meta_judge(engine, tok, load_template(c.meta_judge_template, *META_FIELDS),
+                                               load_template(c.judge_template, "question", "response"), candidates,
+                                               judgements)
+                kept = cap_judge_pairs(judge_pairs, stats["pairs"], c.meta_judge_share, self.seed)
+                stats["meta_judge"] = {**meta, "judge_pairs": len(kept), "judge_pairs_before_cap": len(judge_pairs)}
+                if dist.is_rank0():
+                    write_jsonl(self.dir / JUDGE_PAIRS, kept)
+                written.append(self.dir / JUDGE_PAIRS)
             self._log("pairs", stats)
             self.run_dir.mark_done(self.phase("pairs"), stats, written)
         summary = {p: self.run_dir.info(self.phase(p)).get("counts", {}) for p in PHASES}

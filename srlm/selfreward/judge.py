@@ -103,6 +103,21 @@ def digit_token_ids(tokenizer, cue: str, max_score: int) -> tuple[list[int], lis
     raise ValueError(f"the tokenizer has no single-token digits after the cue '{cue}': use judge_mode generative")
 
 
+def choice_token_ids(tokenizer, cue: str, choices: Sequence[str] = ("A", "B")) -> tuple[list[int], list[int]]:
+    """(cue token ids, one token id per choice) such that cue + choice tokenises as the cue then one token."""
+    for cue_text, fmt in ((cue, " {c}"), (cue + " ", "{c}"), (cue, "{c}")):
+        cue_ids = tokenizer(cue_text, add_special_tokens=False)["input_ids"]
+        ids = []
+        for c in choices:
+            full = tokenizer(cue_text + fmt.format(c=c), add_special_tokens=False)["input_ids"]
+            if full[:len(cue_ids)] != cue_ids or len(full) != len(cue_ids) + 1:
+                break
+            ids.append(full[-1])
+        if len(ids) == len(choices) and len(set(ids)) == len(ids):
+            return cue_ids, ids
+    raise ValueError(f"the tokenizer has no single-token {'/'.join(choices)} after the cue '{cue}': use the generative mode")
+
+
 class LogitJudge(Judge):
     """Force the cue, read the score digits' probabilities, take their expectation."""
 

@@ -30,6 +30,7 @@ from srlm.models.sft import SFTModule
 from srlm.selfreward.config import DPORoundConfig, EvalConfig, SelfRewardConfig
 from srlm.selfreward import distributed as dist
 from srlm.selfreward.creator import InstructionCreator, SelfRewardCallback
+from srlm.selfreward.meta_judge import JUDGE_PAIRS
 from srlm.selfreward.rundir import RunDir
 from srlm.selfreward.select import SELECTION_FILE, SelectionConfig, selection_callbacks
 
@@ -198,7 +199,9 @@ def run_loop(trainer: "SRLMTrainer", model: SFTModule, datamodule: SFTDataModule
             if ev.enabled and run.info(phase)["counts"].get("pairs"):
                 evaluate_phase(run, f"iter_{t}", model_dir, ev, batch, [previous] + against_sft)
             continue
-        n_pairs = run.info(f"iter_{t}/pairs").get("counts", {}).get("pairs", 0)
+        pair_counts = run.info(f"iter_{t}/pairs").get("counts", {})
+        n_pairs = pair_counts.get("pairs", 0)
+        n_judge = (pair_counts.get("meta_judge") or {}).get("judge_pairs", 0)  # capped: 0 without actor pairs
         # Each phase seeds itself: a resumed run reaches it with another RNG state than a fresh one.
         L.seed_everything(self_reward.seed + t, verbose=False)
         if self_reward.positive_only:
@@ -213,12 +216,14 @@ def run_loop(trainer: "SRLMTrainer", model: SFTModule, datamodule: SFTDataModule
             module = DPOModule(dataclasses.replace(backbone, adapter_path=str(model_dir)), dpo.optimizer, dpo.beta,
                                dpo.loss_type, dpo.label_smoothing, dpo.precompute_reference,
                                export_dir=str(it_dir / "model"), sparse_lm_head=model.sparse_lm_head)
-            data = PreferenceDataModule(pair_files=[str(it_dir / "pairs.jsonl")], batch_size=dpo.batch_size,
+            # the meta-judge's judge pairs train in the same round as the actor pairs
+            files = [str(it_dir / "pairs.jsonl")] + ([str(it_dir / JUDGE_PAIRS)] if n_judge else [])
+            data = PreferenceDataModule(pair_files=files, batch_size=dpo.batch_size,
                                         max_length=dpo.max_length, max_prompt_length=dpo.max_prompt_length)
         root = it_dir / "dpo"
         previous = (f"M{t}", model_dir)
         model_dir = it_dir / "model"
-        counts = {"pairs": n_pairs, "model": str(model_dir)}
+        counts = {"pairs": n_pairs, "model": str(model_dir), **({"judge_pairs": n_judge} if n_judge else {})}
         callbacks = selection_callbacks(selection, "dpo")
         callbacks += [PhaseTrained(run, phase, lambda tr, counts=counts: counts)]
         callbacks += [SelfRewardCallback(next_creator)] if next_creator else []
