@@ -192,7 +192,8 @@ def test_pairs_best_vs_worst_and_unscored_never_rejected():
                       "chosen_id": "a-c2", "rejected_id": "a-c1", "score_chosen": 4.0, "score_rejected": 2.0}]
     assert stats == {"prompts": 2, "pairs": 1, "dropped_tie": 0, "dropped_too_few_scored": 1,
                      "dropped_identical": 0, "dropped_unfinished": 0, "unscored_candidates": 2,
-                     "unfinished_not_chosen": 0}
+                     "unfinished_not_chosen": 0, "length_controlled": 0, "chosen_chars": 8.0, "rejected_chars": 8.0,
+                     "length_ratio": 1.0}
 
 
 def test_pairs_ties_dropped_and_margin():
@@ -257,3 +258,36 @@ def test_pairs_unfinished_never_chosen_but_may_be_rejected():
     assert (pair["chosen_id"], pair["chosen_finished"], pair["rejected_finished"]) == ("u-c0", False, False)
     # finished responses are unaffected, and an unfinished one is never a positive example
     assert positive_examples(group, min_score=3.0) == [{"id": "u-c1", "prompt": "prompt u", "response": "resp u 1"}]
+
+
+# -- length control (Meta-Rewarding) ---------------------------------------------------------------
+def _cands(*rows):
+    return [{"prompt_id": "p", "prompt": "q", "candidate_id": f"c{i}", "response": text, "score": score,
+             "finished": finished} for i, (text, score, finished) in enumerate(rows)]
+
+
+def test_length_control_chooses_the_shortest_near_best():
+    from srlm.selfreward.pairs import build_pairs
+
+    rows = _cands(("a long and thorough answer", 4.8, True), ("short", 4.5, True), ("tiny", 4.4, False),
+                  ("bad answer here", 1.0, True), ("mid", 3.0, True))
+    plain, stats = build_pairs(rows)
+    assert plain[0]["chosen"] == "a long and thorough answer" and stats["length_controlled"] == 0
+    (pair,), stats = build_pairs(rows, length_control=0.5)
+    # "tiny" is shorter and near the best but was cut: never chosen; "mid" is too far below the best
+    assert pair["chosen"] == "short" and pair["score_chosen"] == 4.5 and pair["rejected"] == "bad answer here"
+    assert stats["length_controlled"] == 1
+    assert stats["chosen_chars"] == 5.0 and stats["rejected_chars"] == 15.0 and stats["length_ratio"] == round(5 / 15, 3)
+    (pair,), _ = build_pairs(rows, length_control=0.0)  # margin 0: only the best itself qualifies
+    assert pair["chosen"] == "a long and thorough answer"
+
+
+def test_length_control_keeps_the_margin_rule():
+    from srlm.selfreward.pairs import build_pairs
+
+    rows = _cands(("long answer text", 3.0, True), ("s", 2.2, True), ("worst one", 2.0, True))
+    pairs, stats = build_pairs(rows, length_control=1.0, min_margin=0.5)
+    # the shortest near-best ("s", 2.2) beats the worst by only 0.2: dropped as a tie, never a weak pair
+    assert pairs == [] and stats["dropped_tie"] == 1
+    with pytest.raises(ValueError, match="length_control"):
+        build_pairs(rows, length_control=-1)

@@ -270,6 +270,9 @@ def _iteration_section(run_dir: Path, phases: dict, t: int, plots: Path, notes: 
         ["candidates unscored", _fmt(unparsed)],
         ["preference pairs", _fmt(pairs.get("pairs", train.get("pairs")))],
         ["pairs dropped (tied scores)", _fmt(pairs.get("dropped_tie"))],
+        ["chosen / rejected length (chars, ratio)", "–" if pairs.get("length_ratio") is None else
+         f"{_fmt(pairs.get('chosen_chars'))} / {_fmt(pairs.get('rejected_chars'))} ({_fmt(pairs.get('length_ratio'))})"],
+        ["pairs where length control chose a shorter answer", _fmt(pairs.get("length_controlled"))],
         ["judge score histogram", ", ".join(f"{k}: {v}" for k, v in histogram.items()) or "–"],
         ["DPO steps", _fmt(train.get("steps"))],
         ["DPO final loss", _fmt(last(dpo_rows, "loss"))],

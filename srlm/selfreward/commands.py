@@ -110,7 +110,8 @@ def judge(candidates: str, output: str, model: str = DEFAULT_MODEL, adapter: Opt
     return stats
 
 
-def make_pairs(candidates: str, judgements: str, output: str, min_margin: float = 0.0) -> dict:
+def make_pairs(candidates: str, judgements: str, output: str, min_margin: float = 0.0,
+               length_control: Optional[float] = None) -> dict:
     """Pair the best against the worst candidate of each prompt.
 
     Args:
@@ -118,8 +119,9 @@ def make_pairs(candidates: str, judgements: str, output: str, min_margin: float 
         judgements: judgements jsonl.
         output: pairs jsonl to write (atomically).
         min_margin: best - worst must exceed this; equal scores are always dropped.
+        length_control: choose the shortest answer scoring within this much of the best (None: the best).
     """
     stats = steps.make_pairs(read_jsonl(resolve_path(candidates)), read_jsonl(resolve_path(judgements)),
-                             resolve_path(output), min_margin=min_margin)
+                             resolve_path(output), min_margin=min_margin, length_control=length_control)
     print(stats)
     return stats

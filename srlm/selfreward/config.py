@@ -45,6 +45,9 @@ class SelfRewardConfig:
     """Let a candidate cut at ``candidate_sampling.max_new_tokens`` be chosen (its pair then trains no
     end-of-turn token). Off: DPO would teach stopping mid-sentence. For quick checks whose short candidates
     rarely finish."""
+    length_control: Optional[float] = None
+    """Meta-Rewarding's length control: the chosen answer is the shortest of those scoring within this much of the
+    best (None: the best-scored one). The chosen/rejected length ratio is recorded either way."""
     positive_only: bool = False
     """The paper's 'positive examples only' variant: add top-scoring responses to SFT data instead of DPO."""
     positive_min_score: float = 4.5

@@ -131,7 +131,8 @@ class InstructionCreator:
         judgements = steps.existing(files["judgements"])
         if not self.run_dir.done(self.phase("pairs")):
             stats = steps.make_pairs(candidates, judgements, files["pairs"], min_margin=c.min_margin,
-                                     allow_unfinished_chosen=c.allow_unfinished_chosen)
+                                     allow_unfinished_chosen=c.allow_unfinished_chosen,
+                                     length_control=c.length_control)
             written = [files["pairs"]]
             if c.positive_only:
                 scores = {j["id"]: j["score"] for j in judgements}

@@ -19,6 +19,11 @@ Per prompt, as in the paper: chosen = the highest-scoring response, rejected = t
   0.0 this drops exactly the prompts whose scores are all equal.
 - Equal best (or equal worst) scores are broken by the lowest ``candidate_id`` in natural order
   (``c2`` before ``c10``), so the output does not depend on the input order.
+- Length control (``length_control``, Meta-Rewarding's rule): among the choosable responses scoring
+  within ``length_control`` of the best, the shortest (in characters) is chosen; it must still beat
+  the rejected one by more than ``min_margin``. ``length_controlled`` counts the pairs where this
+  picked another response than the best-scored one. Every run records the mean chosen and rejected
+  lengths in characters and their ratio (``length_ratio`` = mean chosen / mean rejected).
 """
 
 from __future__ import annotations
@@ -60,22 +65,26 @@ def _distinct(scored: list[tuple[float, dict]]) -> list[tuple[float, dict]]:
     return out
 
 
-def build_pairs(candidates: Iterable[dict], *, min_margin: float = 0.0,
-                allow_unfinished_chosen: bool = False) -> tuple[list[dict], dict]:
+def build_pairs(candidates: Iterable[dict], *, min_margin: float = 0.0, allow_unfinished_chosen: bool = False,
+                length_control: Optional[float] = None) -> tuple[list[dict], dict]:
     """(pairs, stats). Pairs come in order of each prompt's first candidate.
 
     A pair: ``{"id", "prompt", "chosen", "rejected", "chosen_id", "rejected_id", "score_chosen",
     "score_rejected"}``, plus ``"chosen_finished": false`` / ``"rejected_finished": false`` when that
     response was cut at ``max_new_tokens``. Stats: ``prompts, pairs, dropped_tie, dropped_too_few_scored,
-    dropped_identical, dropped_unfinished, unscored_candidates, unfinished_not_chosen``.
+    dropped_identical, dropped_unfinished, unscored_candidates, unfinished_not_chosen, length_controlled,
+    chosen_chars, rejected_chars, length_ratio``.
     """
     if min_margin < 0:
         raise ValueError(f"min_margin must be >= 0, got {min_margin}")
+    if length_control is not None and length_control < 0:
+        raise ValueError(f"length_control must be >= 0, got {length_control}")
     groups: dict[Any, list[dict]] = {}
     for c in candidates:
         groups.setdefault(c["prompt_id"], []).append(c)
     stats = {"prompts": len(groups), "pairs": 0, "dropped_tie": 0, "dropped_too_few_scored": 0,
-             "dropped_identical": 0, "dropped_unfinished": 0, "unscored_candidates": 0, "unfinished_not_chosen": 0}
+             "dropped_identical": 0, "dropped_unfinished": 0, "unscored_candidates": 0, "unfinished_not_chosen": 0,
+             "length_controlled": 0}
     pairs = []
     for prompt_id, group in groups.items():
         scored = [(s, c) for c in group if (s := _scored(c.get("score"))) is not None]
@@ -97,6 +106,11 @@ def build_pairs(candidates: Iterable[dict], *, min_margin: float = 0.0,
             stats["dropped_unfinished"] += 1
             continue
         best_score, best = max(choosable, key=lambda sc: sc[0])
+        if length_control is not None:  # the shortest of the near-best (min keeps the lowest id of equals)
+            short_score, short = min((sc for sc in choosable if sc[0] >= best_score - length_control),
+                                     key=lambda sc: len(sc[1]["response"].strip()))
+            stats["length_controlled"] += short is not best
+            best_score, best = short_score, short
         worst_score, worst = min((sc for sc in texts if sc[1] is not best), key=lambda sc: sc[0])
         if best_score - worst_score <= min_margin:
             stats["dropped_unfinished" if passed_over else "dropped_tie"] += 1
@@ -109,6 +123,11 @@ def build_pairs(candidates: Iterable[dict], *, min_margin: float = 0.0,
                 pair[f"{side}_finished"] = False
         pairs.append(pair)
     stats["pairs"] = len(pairs)
+    chosen = [len(p["chosen"].strip()) for p in pairs]
+    rejected = [len(p["rejected"].strip()) for p in pairs]
+    stats["chosen_chars"] = round(sum(chosen) / len(chosen), 1) if pairs else None
+    stats["rejected_chars"] = round(sum(rejected) / len(rejected), 1) if pairs else None
+    stats["length_ratio"] = round(sum(chosen) / sum(rejected), 3) if pairs and sum(rejected) else None
     return pairs, stats
 
 

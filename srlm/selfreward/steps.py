@@ -284,7 +284,7 @@ def judge_candidates(judge: Judge, candidates: Sequence[dict], out_path: Path, *
 
 # -- 4. pairs --------------------------------------------------------------------------------------
 def make_pairs(candidates: Sequence[dict], judgements: Sequence[dict], out_path: Path, *, min_margin: float = 0.0,
-               allow_unfinished_chosen: bool = False) -> dict:
+               allow_unfinished_chosen: bool = False, length_control: Optional[float] = None) -> dict:
     """Join candidates with their scores and write the preference pairs (atomically; rank 0 only).
 
     Identical responses are never paired, and a response cut at max_new_tokens is never chosen unless
@@ -295,7 +295,8 @@ def make_pairs(candidates: Sequence[dict], judgements: Sequence[dict], out_path:
     joined = [{"prompt_id": c["prompt_id"], "prompt": c["prompt"], "candidate_id": c["id"], "response": c["response"],
                "score": scores.get(c["id"]), "logp": c.get("logp"), "finished": c.get("finished", True)}
               for c in candidates]
-    pairs, stats = build_pairs(joined, min_margin=min_margin, allow_unfinished_chosen=allow_unfinished_chosen)
+    pairs, stats = build_pairs(joined, min_margin=min_margin, allow_unfinished_chosen=allow_unfinished_chosen,
+                               length_control=length_control)
     by_id = {c["id"]: c for c in candidates}
     for pair in pairs:  # harvested reference log-probs travel with the pair, with the tokens they score
         chosen, rejected = by_id[pair["chosen_id"]], by_id[pair["rejected_id"]]
