@@ -214,3 +214,18 @@ def test_positive_round_without_positives_keeps_m_t(tiny_model, tmp_path):
     assert manifest["phases"]["iter_1/train"]["counts"]["model"] == str(run / "m1" / "model")
     assert Path(manifest["final_model"]) == run / "m1" / "model"
     assert not (run / "iter_1" / "model").exists()
+
+
+@pytest.mark.slow
+def test_anchored_rejection_takes_rejected_answers_from_m1(tiny_model, tmp_path):
+    run = tmp_path / "run"
+    manifest = tiny_loop(tiny_model, run, rejected_from="m1", allow_unfinished_chosen=True)
+    anchors = [json.loads(x) for x in open(run / "iter_1" / "anchor_candidates.jsonl")]
+    assert anchors and all(a["id"].split("-")[-1].startswith("a") for a in anchors)
+    pairs = [json.loads(x) for x in open(run / "iter_1" / "pairs.jsonl")]
+    anchor_ids = {a["id"] for a in anchors}
+    assert pairs and all(p["rejected_id"] in anchor_ids and p["chosen_id"] not in anchor_ids for p in pairs)
+    assert all("ref_rejected_logp" not in p for p in pairs)  # M1's log-probs are no reference for M_t
+    assert manifest["phases"]["iter_1/train"]["done"]
+    with pytest.raises(ValueError, match="sft_baseline"):
+        tiny_loop(tiny_model, tmp_path / "other", rejected_from="sft")

@@ -291,3 +291,16 @@ def test_length_control_keeps_the_margin_rule():
     assert pairs == [] and stats["dropped_tie"] == 1
     with pytest.raises(ValueError, match="length_control"):
         build_pairs(rows, length_control=-1)
+
+
+def test_anchored_rejection_rejects_only_the_anchor_samples():
+    from srlm.selfreward.pairs import build_pairs
+
+    rows = _cands(("current best", 4.0, True), ("current worst", 1.0, True))
+    rows += [{**r, "candidate_id": f"a{i}", "anchor": True}
+             for i, r in enumerate(_cands(("anchor good", 4.5, True), ("anchor bad", 2.0, True)))]
+    (pair,), _ = build_pairs(rows, anchored=True)
+    # the anchor's 4.5 is never chosen and the current 1.0 never rejected
+    assert (pair["chosen"], pair["rejected"]) == ("current best", "anchor bad")
+    (plain,), _ = build_pairs(rows)  # without anchoring every candidate competes
+    assert (plain["chosen"], plain["rejected"]) == ("anchor good", "current worst")

@@ -48,6 +48,10 @@ class SelfRewardConfig:
     length_control: Optional[float] = None
     """Meta-Rewarding's length control: the chosen answer is the shortest of those scoring within this much of the
     best (None: the best-scored one). The chosen/rejected length ratio is recorded either way."""
+    rejected_from: str = "current"
+    """Anchored rejection (Temporal Self-Rewarding): the rejected answer is the lowest-scored sample of ``current``
+    (M_t, the paper), ``m1`` or ``sft`` (the IFT-only baseline; needs sft_baseline) for the same prompt, judged by
+    M_t. The anchor's samples are written to anchor_candidates.jsonl and anchor_judgements.jsonl."""
     positive_only: bool = False
     """The paper's 'positive examples only' variant: add top-scoring responses to SFT data instead of DPO."""
     positive_min_score: float = 4.5
@@ -70,6 +74,8 @@ class SelfRewardConfig:
             raise ValueError("self_reward.meta_judge compares a candidate's judgements with each other: it needs "
                              "judge_mode: generative and judge_samples >= 2 (got "
                              f"judge_mode: {self.judge_mode}, judge_samples: {self.judge_samples})")
+        if self.rejected_from not in ("current", "m1", "sft"):
+            raise ValueError(f"self_reward.rejected_from: expected current, m1 or sft, got {self.rejected_from!r}")
         if not 0.0 <= self.meta_judge_share < 1.0:
             raise ValueError(f"self_reward.meta_judge_share must be in [0, 1), got {self.meta_judge_share}")
 

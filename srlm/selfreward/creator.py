@@ -50,8 +50,9 @@ def score_histogram(judgements: list[dict]) -> dict[str, int]:
 
 class InstructionCreator:
     def __init__(self, config: SelfRewardConfig, run: RunDir, iteration: int, backbone: BackboneConfig,
-                 device: Optional[torch.device] = None, show_progress: bool = True):
+                 device: Optional[torch.device] = None, show_progress: bool = True, anchor_dir: Optional[str] = None):
         self.config, self.run_dir, self.t, self.backbone = config, run, iteration, backbone
+        self.anchor_dir = anchor_dir  # the model whose samples are rejected (rejected_from m1 or sft)
         self.dir = run.iter_dir(iteration)
         self.device = device or torch.device("cpu")
         self.show_progress = show_progress
@@ -78,18 +79,38 @@ class InstructionCreator:
         """This iteration's sampling seed (candidates and judging), from SelfRewardConfig.seed."""
         return self.config.seed + 1000 * self.t
 
-    def _engine(self, model_dir: Optional[str]) -> tuple[Engine, object]:
+    def _engine(self, model_dir: Optional[str], seed: Optional[int] = None) -> tuple[Engine, object]:
         model = load_for_inference(self.backbone.model_name_or_path, model_dir, self.backbone.dtype,
                                    self.backbone.trust_remote_code).to(self.device)
         tokenizer = load_tokenizer(self.backbone.model_name_or_path, self.backbone.trust_remote_code)
         eos = {tokenizer.eos_token_id}
-        engine = Engine(model, eos, tokenizer.pad_token_id, batch_size=self.config.batch_size, seed=self.seed)
+        engine = Engine(model, eos, tokenizer.pad_token_id, batch_size=self.config.batch_size,
+                        seed=self.seed if seed is None else seed)
         return engine, tokenizer
 
     def _log(self, name: str, stats: dict) -> None:
         self.summary[name] = stats
         if dist.is_rank0():
             log.info("iter %d %s: %s", self.t, name, ", ".join(f"{k}={v}" for k, v in stats.items()))
+
+    def _anchors(self, prompts: list[dict], judge_engine, tok) -> tuple[list[dict], list[dict], list[Path]]:
+        """The anchor model's candidates for this iteration's prompts, judged by M_t (resumable files)."""
+        c = self.config
+        if self.anchor_dir is None:
+            raise ValueError(f"rejected_from: {c.rejected_from} needs that model; none was trained in this run")
+        paths = [self.dir / "anchor_candidates.jsonl", self.dir / "anchor_judgements.jsonl"]
+        # its own seed: at t = 1 the anchor M1 is M_t itself, and the same seed would repeat M_t's samples
+        engine, anchor_tok = self._engine(str(self.anchor_dir), seed=self.seed + 1)
+        stats = steps.generate_candidates(engine, anchor_tok, prompts, paths[0], n=c.num_candidates,
+                                          sampling=c.candidate_sampling, show_progress=self.show_progress, tag="a")
+        self._log("anchor candidates", stats)
+        del engine
+        anchors = steps.existing(paths[0])
+        judge = make_judge(c.judge_mode, judge_engine, tok, load_template(c.judge_template, "question", "response"),
+                           c.judge_samples, c.judge_sampling)
+        stats = steps.judge_candidates(judge, anchors, paths[1], seed=self.seed, show_progress=self.show_progress)
+        self._log("anchor judgements", stats)
+        return anchors, steps.existing(paths[1]), paths
 
     def run(self, model_dir: str | Path) -> dict:
         """Write this iteration's AIFT data with M_t from ``model_dir``; returns the per-phase summaries."""
@@ -130,10 +151,15 @@ class InstructionCreator:
             self.run_dir.mark_done(self.phase("judgements"), stats, [files["judgements"]])
         judgements = steps.existing(files["judgements"])
         if not self.run_dir.done(self.phase("pairs")):
-            stats = steps.make_pairs(candidates, judgements, files["pairs"], min_margin=c.min_margin,
+            anchors, anchor_files = [], []
+            if c.rejected_from != "current":
+                engine, tok = current = current or self._engine(model_dir)
+                anchors, anchor_judgements, anchor_files = self._anchors(prompts, engine, tok)
+                judgements = judgements + anchor_judgements
+            stats = steps.make_pairs(candidates, judgements, files["pairs"], min_margin=c.min_margin, anchors=anchors,
                                      allow_unfinished_chosen=c.allow_unfinished_chosen,
                                      length_control=c.length_control)
-            written = [files["pairs"]]
+            written = [files["pairs"]] + anchor_files
             if c.positive_only:
                 scores = {j["id"]: j["score"] for j in judgements}
                 positives = positive_examples([{**cand, "candidate_id": cand["id"], "score": scores.get(cand["id"])}

@@ -154,14 +154,19 @@ def run_loop(trainer: "SRLMTrainer", model: SFTModule, datamodule: SFTDataModule
     ev = evaluation or EvalConfig()
 
     def creator_for(t: int) -> InstructionCreator:
+        anchor = {"m1": m1_adapter or run.root / "m1" / "model", "sft": sft_dir}.get(self_reward.rejected_from)
         return InstructionCreator(self_reward, run, t, backbone, device=trainer.strategy.root_device,
-                                  show_progress=dist.is_rank0())
+                                  show_progress=dist.is_rank0(), anchor_dir=anchor)
+
+    if self_reward.rejected_from == "sft" and not sft_baseline:
+        raise ValueError("self_reward.rejected_from: sft takes its rejected answers from the IFT-only SFT baseline: "
+                         "set sft_baseline: true")
 
     batch = ev.batch_size
+    sft_dir = None
     # The curve's starting point, and the paper's comparison point: M0 and the IFT-only SFT baseline.
     if ev.enabled and ev.evaluate_base:
         evaluate_phase(run, "base", backbone.model_name_or_path, ev, batch)
-    sft_dir = None
     if sft_baseline:
         sft_dir = _sft_baseline(trainer, run, model, datamodule, checkpoint_every, self_reward.seed,
                                 selection_callbacks(selection, "sft"))

@@ -24,6 +24,9 @@ Per prompt, as in the paper: chosen = the highest-scoring response, rejected = t
   the rejected one by more than ``min_margin``. ``length_controlled`` counts the pairs where this
   picked another response than the best-scored one. Every run records the mean chosen and rejected
   lengths in characters and their ratio (``length_ratio`` = mean chosen / mean rejected).
+- Anchored rejection (``anchored``, Temporal Self-Rewarding): candidates marked ``"anchor": true``
+  (an earlier model's samples for the same prompt, judged by the same judge) are the only ones that
+  can be rejected, and never chosen; the others are the only ones that can be chosen.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def _distinct(scored: list[tuple[float, dict]]) -> list[tuple[float, dict]]:
 
 
 def build_pairs(candidates: Iterable[dict], *, min_margin: float = 0.0, allow_unfinished_chosen: bool = False,
-                length_control: Optional[float] = None) -> tuple[list[dict], dict]:
+                length_control: Optional[float] = None, anchored: bool = False) -> tuple[list[dict], dict]:
     """(pairs, stats). Pairs come in order of each prompt's first candidate.
 
     A pair: ``{"id", "prompt", "chosen", "rejected", "chosen_id", "rejected_id", "score_chosen",
@@ -98,7 +101,8 @@ def build_pairs(candidates: Iterable[dict], *, min_margin: float = 0.0, allow_un
         if len(texts) < 2:
             stats["dropped_identical"] += 1
             continue
-        choosable = [sc for sc in texts if allow_unfinished_chosen or _finished(sc[1])]
+        choosable = [sc for sc in texts if (allow_unfinished_chosen or _finished(sc[1]))
+                     and not (anchored and sc[1].get("anchor"))]
         top = max(texts, key=lambda sc: sc[0])[1]
         passed_over = not (allow_unfinished_chosen or _finished(top))  # the best-scored text was cut
         stats["unfinished_not_chosen"] += passed_over
@@ -111,7 +115,11 @@ def build_pairs(candidates: Iterable[dict], *, min_margin: float = 0.0, allow_un
                                      key=lambda sc: len(sc[1]["response"].strip()))
             stats["length_controlled"] += short is not best
             best_score, best = short_score, short
-        worst_score, worst = min((sc for sc in texts if sc[1] is not best), key=lambda sc: sc[0])
+        rejectable = [sc for sc in texts if sc[1] is not best and (not anchored or sc[1].get("anchor"))]
+        if not rejectable:
+            stats["dropped_too_few_scored"] += 1
+            continue
+        worst_score, worst = min(rejectable, key=lambda sc: sc[0])
         if best_score - worst_score <= min_margin:
             stats["dropped_unfinished" if passed_over else "dropped_tie"] += 1
             continue

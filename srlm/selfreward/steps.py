@@ -177,7 +177,8 @@ def harvests_exactly(model) -> bool:
 
 
 def generate_candidates(engine: Engine, tokenizer, prompts: Sequence[dict], out_path: Path, *, n: int = 4,
-                        sampling: Sampling = Sampling(0.7, 0.9, 256), show_progress: bool = True) -> dict:
+                        sampling: Sampling = Sampling(0.7, 0.9, 256), show_progress: bool = True,
+                        tag: str = "c") -> dict:
     """``n`` responses per prompt record ``{id, prompt}``, appended as each batch of prompts completes.
 
     Empty responses are recorded (``"empty": true``) so that a rerun knows they were made; they are
@@ -188,7 +189,7 @@ def generate_candidates(engine: Engine, tokenizer, prompts: Sequence[dict], out_
     out_path = Path(out_path)
     have = existing(out_path)
     seen = {r["id"] for r in have}
-    cid = lambda i, k: f"{prompts[i]['id']}-c{k}"  # noqa: E731
+    cid = lambda i, k: f"{prompts[i]['id']}-{tag}{k}"  # noqa: E731  (tag: c for M_t's, a for an anchor's)
     bar = Progress("candidates", len(prompts) * n, len(have), show_progress)
     start, tokens = time.time(), 0
     with dist.appender(out_path) as out:
@@ -284,20 +285,27 @@ def judge_candidates(judge: Judge, candidates: Sequence[dict], out_path: Path, *
 
 # -- 4. pairs --------------------------------------------------------------------------------------
 def make_pairs(candidates: Sequence[dict], judgements: Sequence[dict], out_path: Path, *, min_margin: float = 0.0,
-               allow_unfinished_chosen: bool = False, length_control: Optional[float] = None) -> dict:
+               allow_unfinished_chosen: bool = False, length_control: Optional[float] = None,
+               anchors: Sequence[dict] = ()) -> dict:
     """Join candidates with their scores and write the preference pairs (atomically; rank 0 only).
 
     Identical responses are never paired, and a response cut at max_new_tokens is never chosen unless
     ``allow_unfinished_chosen`` (see pairs.py); a cut one that is rejected is marked ``rejected_finished: false``,
-    and training appends no end-of-turn token to it.
+    and training appends no end-of-turn token to it. ``anchors``: an earlier model's judged candidates for
+    the same prompts, then the only rejectable ones (anchored rejection); their log-probs are the earlier
+    model's, not M_t's, so such pairs get a reference pass.
     """
     scores = {j["id"]: j["score"] for j in judgements}
     joined = [{"prompt_id": c["prompt_id"], "prompt": c["prompt"], "candidate_id": c["id"], "response": c["response"],
                "score": scores.get(c["id"]), "logp": c.get("logp"), "finished": c.get("finished", True)}
               for c in candidates]
+    joined += [{"prompt_id": c["prompt_id"], "prompt": c["prompt"], "candidate_id": c["id"], "response": c["response"],
+                "score": scores.get(c["id"]), "logp": None, "finished": c.get("finished", True), "anchor": True}
+               for c in anchors]
     pairs, stats = build_pairs(joined, min_margin=min_margin, allow_unfinished_chosen=allow_unfinished_chosen,
-                               length_control=length_control)
+                               length_control=length_control, anchored=bool(anchors))
     by_id = {c["id"]: c for c in candidates}
+    by_id.update({c["id"]: {**c, "logp": None} for c in anchors})
     for pair in pairs:  # harvested reference log-probs travel with the pair, with the tokens they score
         chosen, rejected = by_id[pair["chosen_id"]], by_id[pair["rejected_id"]]
         if chosen.get("logp") is not None and rejected.get("logp") is not None and "token_ids" in chosen:
