@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from srlm.quiet import quiet
 from srlm.trainer import SRLMTrainer
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -71,6 +72,7 @@ def command_table() -> str:
 
 
 def main(argv=None) -> None:
+    quiet()
     args = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in EXTRA_COMMANDS:
