@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from srlm.models.backbone import LINEAGE_FILE, load_for_inference, load_tokenizer
+from srlm.models.backbone import LINEAGE_FILE, is_full_model, load_for_inference, load_tokenizer
 from srlm.selfreward.engine import Engine
 
 
@@ -27,10 +27,13 @@ def _adapter_folder(path: Path) -> Optional[Path]:
 
 
 def resolve_model(model: str, adapter: Optional[str] = None) -> tuple[str, Optional[str]]:
-    """``(base model, adapter folder)``: ``model`` may be an exported srlm adapter or a folder holding one in ``model/``."""
+    """``(base model, adapter folder)``: ``model`` may be an exported srlm adapter or a folder holding one in ``model/``
+    (or, from full fine-tuning, a whole model there: it is the model, with no adapter)."""
     path = Path(model).expanduser()
     folder = _adapter_folder(path) if path.is_dir() else None
     if folder is None:
+        if path.is_dir() and not (path / "config.json").exists() and is_full_model(path / "model"):
+            return str(path / "model"), adapter
         return model, adapter
     if adapter is not None:
         raise ValueError(f"'{model}' is already an srlm model folder (base + adapter); do not pass adapter as well")

