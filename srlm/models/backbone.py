@@ -59,7 +59,7 @@ class BackboneConfig:
     lora_target_modules: Any = "all-linear"
     """Modules that get an adapter: ``all-linear`` or a list of module names (e.g. [q_proj, v_proj])."""
     load_in_4bit: bool = False
-    """Quantise the frozen base to 4-bit NF4 with bitsandbytes (CUDA only); implies LoRA."""
+    """Quantise the frozen base to 4-bit NF4 with bitsandbytes (QLoRA; CUDA, or CPU with fp32 compute); implies LoRA."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     trust_remote_code: bool = False
@@ -201,16 +201,16 @@ def load_base(config: BackboneConfig):
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
     if config.load_in_4bit:
-        if not torch.cuda.is_available():
-            raise RuntimeError("load_in_4bit needs a CUDA GPU (bitsandbytes 4-bit kernels); set load_in_4bit: false on CPU")
         from transformers import BitsAndBytesConfig
 
+        # bitsandbytes runs NF4 on CPU too; there fp32 compute (bf16 is several times slower on CPU)
+        cuda = torch.cuda.is_available()
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16,
+            bnb_4bit_compute_dtype=torch.bfloat16 if cuda and dtype == torch.float32 else dtype,
         )
-        # Each DDP rank loads onto its own GPU (the model is built before Lightning sets the device).
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+        if cuda:  # each DDP rank loads onto its own GPU (the model is built before Lightning sets the device)
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
@@ -222,10 +222,8 @@ def load_base(config: BackboneConfig):
     merged = []
     if config.adapter_path and not full:
         merged = read_lineage(config.adapter_path) + [config.adapter_path]
-        if config.load_in_4bit and merged:
-            # Merging into 4-bit weights is lossy; callers keep the adapter as a separate module.
-            merged = read_lineage(config.adapter_path)
-        model = merge_adapters(model, merged)
+        if not config.load_in_4bit:  # merging into 4-bit weights would be lossy: stack_adapters keeps them apart
+            model = merge_adapters(model, merged)
     for p in model.parameters():
         p.requires_grad_(False)
     model.config.use_cache = False
@@ -238,6 +236,47 @@ def merge_adapters(model, adapters: list[str]):
     for adapter in adapters:
         _check_adapter(adapter)
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model
+
+
+LINEAGE_PREFIX = "lineage"
+
+
+def lineage_names(model) -> list[str]:
+    """Names of the frozen lineage adapters stacked under the trainable one (4-bit bases), oldest first."""
+    names = [n for n in getattr(model, "peft_config", {}) if n.startswith(LINEAGE_PREFIX)]
+    return sorted(names, key=lambda n: int(n[len(LINEAGE_PREFIX):]))
+
+
+def activate(model, names: list[str]) -> None:
+    """Make exactly ``names`` the active adapters, keeping only ``default`` trainable."""
+    model.base_model.set_adapter(names)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".default." in name)
+
+
+def stack_adapters(model, adapters: list[str]):
+    """A 4-bit base with each adapter of a lineage loaded frozen and active (no lossy merge into 4-bit weights)."""
+    from peft import PeftModel
+
+    if not adapters:
+        return model
+    for adapter in adapters:
+        _check_adapter(adapter)
+    if not hasattr(model, "peft_config"):
+        model = PeftModel.from_pretrained(model, adapters[0], adapter_name=f"{LINEAGE_PREFIX}0", is_trainable=False)
+        adapters = adapters[1:]
+    start = len(lineage_names(model))
+    for i, adapter in enumerate(adapters, start):
+        model.load_adapter(adapter, adapter_name=f"{LINEAGE_PREFIX}{i}", is_trainable=False)
+    names = lineage_names(model)
+    for module in model.modules():  # frozen history: no dropout, so the policy starts exactly as M_t
+        dropout = getattr(module, "lora_dropout", None)
+        if isinstance(dropout, torch.nn.ModuleDict):
+            for name in names:
+                if name in dropout:
+                    dropout[name] = torch.nn.Identity()
+    model.base_model.set_adapter(names)
     return model
 
 
@@ -268,10 +307,11 @@ def load_trainable(config: BackboneConfig):
         model.enable_input_require_grads()
     if config.lora:
         model = add_lora(model, config)
-        if config.load_in_4bit and config.adapter_path:
-            # 4-bit base: keep the previous adapter frozen beside the new one (reference = it alone).
-            model.load_adapter(config.adapter_path, adapter_name="reference", is_trainable=False)
-            model.set_adapter("default")
+        if config.load_in_4bit and merged:
+            # 4-bit base: M_t's whole lineage stays as frozen adapters, active under the new one, so the
+            # policy starts as M_t; the reference pass turns the new one off (DPOModule._reference_mode).
+            model = stack_adapters(model, merged)
+            activate(model, lineage_names(model) + ["default"])
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -279,11 +319,13 @@ def load_trainable(config: BackboneConfig):
 
 
 def load_for_inference(model_name_or_path: str = DEFAULT_MODEL, adapter_path: Optional[str] = None, dtype: str = "auto",
-                       trust_remote_code: bool = False):
-    """A model ready for generation and judging: base, lineage and adapter merged, eval mode."""
+                       trust_remote_code: bool = False, load_in_4bit: bool = False):
+    """A model ready for generation and judging: base, lineage and adapter merged (stacked on a 4-bit base), eval mode."""
     config = BackboneConfig(model_name_or_path=model_name_or_path, adapter_path=adapter_path, dtype=dtype,
-                            trust_remote_code=trust_remote_code, lora=False)
-    model, _ = load_base(config)
+                            trust_remote_code=trust_remote_code, lora=False, load_in_4bit=load_in_4bit)
+    model, merged = load_base(config)
+    if load_in_4bit:
+        model = stack_adapters(model, merged)
     model.config.use_cache = True
     return model.eval()
 

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from srlm.models.backbone import BackboneConfig
+from srlm.models.backbone import BackboneConfig, activate, lineage_names
 from srlm.models.base import AdapterModule
 from srlm.models.dpo_loss import LOSS_TYPES, dpo_loss
 from srlm.models.logprobs import response_logps
@@ -64,15 +64,15 @@ class DPOModule(AdapterModule):
         """
         was_training = self.model.training
         self.model.eval()
-        use_ref_adapter = "reference" in getattr(self.model, "peft_config", {})
+        lineage = lineage_names(self.model) if self.backbone_config.lora else []
         try:
             with torch.no_grad():
-                if use_ref_adapter:
-                    self.model.base_model.set_adapter("reference")
+                if lineage:  # 4-bit base: M_t is its stacked lineage adapters without the new one
+                    activate(self.model, lineage)
                     try:
                         yield
                     finally:
-                        self.model.base_model.set_adapter("default")
+                        activate(self.model, lineage + ["default"])
                 elif self.backbone_config.lora:
                     with self.model.disable_adapter():
                         yield

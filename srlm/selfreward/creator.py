@@ -80,8 +80,11 @@ class InstructionCreator:
         return self.config.seed + 1000 * self.t
 
     def _engine(self, model_dir: Optional[str], seed: Optional[int] = None) -> tuple[Engine, object]:
+        # a QLoRA run generates from the same 4-bit model it trains (its reference is that model too)
         model = load_for_inference(self.backbone.model_name_or_path, model_dir, self.backbone.dtype,
-                                   self.backbone.trust_remote_code).to(self.device)
+                                   self.backbone.trust_remote_code, load_in_4bit=self.backbone.load_in_4bit)
+        if not self.backbone.load_in_4bit:  # bitsandbytes places 4-bit weights itself
+            model = model.to(self.device)
         tokenizer = load_tokenizer(self.backbone.model_name_or_path, self.backbone.trust_remote_code)
         eos = {tokenizer.eos_token_id}
         engine = Engine(model, eos, tokenizer.pad_token_id, batch_size=self.config.batch_size,
