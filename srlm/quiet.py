@@ -16,6 +16,7 @@ _LOG_NOISE = (
 # (message regex, category): deprecations inside the libraries, not in srlm's calls
 _WARNING_NOISE = (
     (r".*is_gradient_checkpointing.*", FutureWarning),  # transformers, raised from Lightning's model summary
+    (r".*gradient_checkpointing_enable.*deprecated.*", FutureWarning),  # transformers' rename, on every phase
     (r".*isinstance\(treespec, LeafSpec\).*", Warning),  # torch's pytree API, used by Lightning
 )
 
