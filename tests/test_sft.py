@@ -210,3 +210,19 @@ def test_grouped_order_is_sharded_across_ranks_without_losing_grouping():
     sampler = _GroupedShard(inner, 2, 0)
     sampler.set_epoch(3)
     assert inner.epoch == 3
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(tiny_model, tmp_path):
+    """Recomputed activations (and dropout masks) give the same updates: the configs turn it on for memory alone."""
+    weights = []
+    for checkpointing in (False, True):
+        L.seed_everything(0)
+        module = make_module(tiny_model, lr=5e-2, gradient_checkpointing=checkpointing)
+        dm = SFTDataModule(ift_files=[write_ift(tmp_path / "ift.jsonl")], eft_files=[], batch_size=4, val_fraction=0.0)
+        trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, default_root_dir=tmp_path / str(checkpointing))
+        trainer.fit(module, datamodule=dm)
+        weights.append({n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad})
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], atol=1e-6, rtol=1e-5)
