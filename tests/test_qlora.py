@@ -50,3 +50,21 @@ def test_two_round_qlora_loop_keeps_the_lineage(tiny_model, tmp_path):
     # evaluate loads it too (full precision, adapters merged)
     full = load_for_inference(tiny_model, str(run / "iter_2" / "model"))
     assert torch.isfinite(full(ids).logits).all()
+
+
+def test_four_bit_cpu_forward_is_one_network_in_eval_and_training(tiny_model):
+    """bitsandbytes would switch CPU 4-bit layers to a bf16 kernel after a no-grad eval forward (the reference
+    pass): the training forward that follows must still compute the same logits."""
+    from srlm.models.backbone import load_base
+
+    model, _ = load_base(BackboneConfig(model_name_or_path=tiny_model, load_in_4bit=True))
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7]])
+    model.train()
+    first = model(ids).logits.detach()
+    model.eval()
+    with torch.no_grad():
+        reference = model(ids).logits
+    model.train()
+    again = model(ids).logits.detach()
+    torch.testing.assert_close(reference, first, atol=1e-6, rtol=0)
+    torch.testing.assert_close(again, first, atol=1e-6, rtol=0)

