@@ -41,3 +41,35 @@ def test_two_iteration_loop_with_full_fine_tuning(tiny_model, tmp_path):
     # evaluation commands take the run's folder as the model
     assert resolve_model(str(run / "iter_2")) == (str(run / "iter_2" / "model"), None)
     assert json.loads((run / "iter_2" / "model" / "srlm_lineage.json").read_text())["base_model"] == tiny_model
+
+
+def test_full_fine_tuning_round_resumes_mid_way_with_the_reference_of_its_start(tiny_model, tmp_path):
+    """Full fine-tuning keeps no copy of M_t: a round resumed after some updates must reuse the reference
+    log-probs computed before its first update (carried in the checkpoint), not fail or recompute them."""
+    import torch
+
+    from srlm.data.datamodule import PreferenceDataModule
+    from srlm.models.dpo import DPOModule
+    from srlm.models.optim import OptimConfig
+    from test_dpo import write_pairs
+
+    m_t = SFTModule(BackboneConfig(model_name_or_path=tiny_model, lora=False)).export(str(tmp_path / "m_t"))
+    path = write_pairs(tmp_path / "p.jsonl", 8)
+
+    def make():
+        return DPOModule(BackboneConfig(model_name_or_path=tiny_model, adapter_path=str(m_t), lora=False),
+                         OptimConfig(lr=1e-2, warmup_ratio=0.0, schedule="constant"))
+
+    def fit(module, max_steps, root, ckpt=None):
+        data = PreferenceDataModule(pair_files=[path], batch_size=2)
+        trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=root)
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+        return [item["ref"] for item in data.train_dataset.items]
+
+    L.seed_everything(0)
+    before = fit(make(), 2, tmp_path / "a")
+    ckpt = next((tmp_path / "a").rglob("*.ckpt"))
+    assert torch.load(ckpt, weights_only=True)["reference_logps"]["train"] == [list(r) for r in before]
+    after = fit(make(), 4, tmp_path / "b", str(ckpt))  # the policy is two updates past M_t here
+    assert after == before

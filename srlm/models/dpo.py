@@ -1,17 +1,22 @@
-"""DPO round (M_t -> M_{t+1}): a fresh LoRA adapter on M_t, with M_t itself as the frozen reference.
+"""DPO round (M_t -> M_{t+1}): the policy starts as M_t, and M_t itself is the frozen reference.
 
 Where the reference comes from:
 - M_t given as an srlm adapter (``backbone.adapter_path``) on a full-precision base: that adapter (and
   its lineage) is *merged* into the base weights and a fresh adapter is added, so the network with
   its adapter disabled is exactly M_t.
-- A 4-bit base, where merging is lossy: the previous adapter is loaded frozen beside the new one as
-  the ``reference`` adapter, and the reference pass runs with it alone.
+- A 4-bit base, where merging is lossy: M_t's adapters (its lineage and itself) stay frozen and
+  active under the fresh one, and the reference pass turns the fresh one alone off.
+- Full fine-tuning (``lora: false``, M_t a whole model folder): the policy is M_t's weights and no
+  frozen copy is kept; the reference is the policy before its first update, so its log-probs are
+  always computed before training (or harvested), whatever ``precompute_reference`` says.
 - No adapter_path: the base model (M0) is the reference.
 
 Reference log-probs are computed once for the whole preference set before training (one no-grad
 pass, kept with the data; ``precompute_reference``), so a training step runs one forward; the
 on-the-fly path (reference pass every step) stays available. Pairs that already carry
 ``ref_chosen_logp``/``ref_rejected_logp`` (harvested while sampling from M_t) need no pass at all.
+The values travel in the checkpoints: a round resumed mid-way, whose policy is no longer M_t, keeps
+the reference of its start (full fine-tuning could not compute it again).
 """
 
 from __future__ import annotations
@@ -76,11 +81,11 @@ class DPOModule(AdapterModule):
                 elif self.backbone_config.lora:
                     with self.model.disable_adapter():
                         yield
-                elif self.trainer is not None and self.trainer.global_step == 0:
+                elif self._trainer is None or self._trainer.global_step == 0:
                     yield  # full fine-tuning, before the first update: the network is still M_t
                 else:
-                    raise RuntimeError("full fine-tuning has no adapter to disable: the reference must be precomputed "
-                                       "before training starts (precompute_reference: true, no mid-round resume)")
+                    raise RuntimeError("full fine-tuning keeps no copy of M_t: its reference log-probs are computed "
+                                       "before the first update (and restored from the checkpoint on resume)")
         finally:
             self.model.train(was_training)
 
@@ -91,16 +96,37 @@ class DPOModule(AdapterModule):
         half = sums.shape[0] // 2
         return sums[:half], sums[half:]
 
+    def _datasets(self) -> dict:
+        """The fit's preference datasets by split (those that keep reference log-probs)."""
+        dm = self.trainer.datamodule
+        if dm is None:
+            return {}
+        return {split: ds for split, ds in (("train", dm.train_dataset), ("val", dm.val_dataset))
+                if ds is not None and hasattr(ds, "set_reference")}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # The reference of the round's start (plain lists: the checkpoint loads with weights_only=True).
+        checkpoint["reference_logps"] = {split: [list(x["ref"]) if x["ref"] is not None else None for x in ds.items]
+                                         for split, ds in self._datasets().items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning restores the checkpoint after the datamodule's setup and before on_fit_start.
+        for split, values in (checkpoint.get("reference_logps") or {}).items():
+            dataset = self._datasets().get(split)
+            if dataset is not None and len(values) == len(dataset):
+                for i, ref in enumerate(values):
+                    if ref is not None:
+                        dataset.set_reference(i, *ref)
+
     def on_fit_start(self) -> None:
         if not self.precompute_reference and self.backbone_config.lora:
             return
         dm = self.trainer.datamodule
-        for dataset in (dm.train_dataset, dm.val_dataset):
-            if dataset is None:
-                continue
+        for dataset in self._datasets().values():
             missing = [i for i, item in enumerate(dataset.items) if item["ref"] is None]
-            log.info("reference log-probs: %d pairs carry harvested ones, %d to compute", len(dataset) - len(missing),
-                     len(missing))
+            log.info("reference log-probs: %d pairs carry them (harvested, or restored on resume), %d to compute",
+                     len(dataset) - len(missing), len(missing))
             if not missing:
                 continue
             loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, missing), batch_size=dm.eval_batch_size,
