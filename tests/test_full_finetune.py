@@ -73,3 +73,63 @@ def test_full_fine_tuning_round_resumes_mid_way_with_the_reference_of_its_start(
     assert torch.load(ckpt, weights_only=True)["reference_logps"]["train"] == [list(r) for r in before]
     after = fit(make(), 4, tmp_path / "b", str(ckpt))  # the policy is two updates past M_t here
     assert after == before
+
+
+def test_full_fine_tuning_without_precompute_keeps_a_frozen_copy_of_m_t(tiny_model, tmp_path):
+    """precompute_reference false: every step's reference pass runs on a frozen copy of M_t, so the first loss is
+    ln 2 and later steps (policy already moved) still compare against M_t; the copy stays out of checkpoints."""
+    import torch
+
+    from srlm.data.datamodule import PreferenceDataModule
+    from srlm.models.dpo import DPOModule
+    from srlm.models.optim import OptimConfig
+    from test_dpo import write_pairs
+
+    m_t = SFTModule(BackboneConfig(model_name_or_path=tiny_model, lora=False)).export(str(tmp_path / "m_t"))
+    path = write_pairs(tmp_path / "p.jsonl", 8)
+    backbone = BackboneConfig(model_name_or_path=tiny_model, adapter_path=str(m_t), lora=False)
+
+    # M_t's own reference log-probs, from a precomputing round that never trains
+    exact = PreferenceDataModule(pair_files=[path], batch_size=8)
+    L.Trainer(max_steps=0, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=tmp_path / "r").fit(DPOModule(backbone), datamodule=exact)
+    expected = [item["ref"] for item in exact.train_dataset.items]
+    assert all(r is not None for r in expected)
+
+    L.seed_everything(0)
+    module = DPOModule(backbone, OptimConfig(lr=1e-2, warmup_ratio=0.0, schedule="constant"), precompute_reference=False)
+    data = PreferenceDataModule(pair_files=[path], batch_size=2)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path / "a", logger=L.pytorch.loggers.CSVLogger(tmp_path / "a"),
+                        log_every_n_steps=1)
+    trainer.fit(module, datamodule=data)
+    assert module.reference_model is not None
+    assert all(item["ref"] is None for item in data.train_dataset.items)  # nothing precomputed: on the fly
+    rows = [r for r in csv.DictReader(next((tmp_path / "a").rglob("metrics.csv")).open()) if r.get("loss")]
+    assert abs(float(rows[0]["loss"]) - math.log(2)) < 1e-3
+    # after 3 updates the policy moved, the reference did not: it still gives M_t's log-probs
+    full = next(iter(torch.utils.data.DataLoader(data.train_dataset, batch_size=8, collate_fn=data.collate)))
+    chosen, rejected = module.reference_logps(full)
+    torch.testing.assert_close(torch.stack([chosen, rejected], 1).double(), torch.tensor(expected, dtype=torch.float64),
+                               atol=1e-4, rtol=0)
+    policy = dict(module.model.named_parameters())
+    assert any(not torch.equal(p, policy[n]) for n, p in module.reference_model.named_parameters())
+    assert not any(p.requires_grad for p in module.reference_model.parameters())
+    ckpt = torch.load(next((tmp_path / "a").rglob("*.ckpt")), weights_only=True)
+    assert not any(k.startswith("reference_model.") for k in ckpt["state_dict"])
+
+
+def test_full_fine_tuning_with_harvested_reference_keeps_no_copy(tiny_model, tmp_path):
+    from srlm.data.datamodule import PreferenceDataModule
+    from srlm.models.dpo import DPOModule
+
+    m_t = SFTModule(BackboneConfig(model_name_or_path=tiny_model, lora=False)).export(str(tmp_path / "m_t"))
+    path = tmp_path / "p.jsonl"
+    rows = [json.loads(line) for line in open(__import__("test_dpo").write_pairs(tmp_path / "raw.jsonl", 4))]
+    path.write_text("".join(json.dumps({**r, "ref_chosen_logp": -5.0, "ref_rejected_logp": -6.0}) + "\n" for r in rows))
+    module = DPOModule(BackboneConfig(model_name_or_path=tiny_model, adapter_path=str(m_t), lora=False),
+                       precompute_reference=False)
+    L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=tmp_path / "a").fit(module, datamodule=PreferenceDataModule(pair_files=[str(path)],
+                                                                                          batch_size=2))
+    assert module.reference_model is None

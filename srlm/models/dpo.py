@@ -6,9 +6,10 @@ Where the reference comes from:
   its adapter disabled is exactly M_t.
 - A 4-bit base, where merging is lossy: M_t's adapters (its lineage and itself) stay frozen and
   active under the fresh one, and the reference pass turns the fresh one alone off.
-- Full fine-tuning (``lora: false``, M_t a whole model folder): the policy is M_t's weights and no
-  frozen copy is kept; the reference is the policy before its first update, so its log-probs are
-  always computed before training (or harvested), whatever ``precompute_reference`` says.
+- Full fine-tuning (``lora: false``, M_t a whole model folder): the policy is M_t's weights, all
+  trainable. With ``precompute_reference`` (or every pair's log-probs harvested) no copy is kept: the
+  reference is the policy before its first update. Otherwise a frozen copy of M_t, made before the
+  first update, serves the reference pass of every step (twice the weights' memory).
 - No adapter_path: the base model (M0) is the reference.
 
 Reference log-probs are computed once for the whole preference set before training (one no-grad
@@ -21,6 +22,7 @@ the reference of its start (full fine-tuning could not compute it again).
 
 from __future__ import annotations
 
+import copy
 import logging
 from contextlib import contextmanager
 from typing import Optional
@@ -59,6 +61,19 @@ class DPOModule(AdapterModule):
         self.save_hyperparameters()
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.precompute_reference = precompute_reference
+        self.reference_model: Optional[torch.nn.Module] = None  # full fine-tuning's frozen M_t (made in setup)
+
+    def setup(self, stage: str) -> None:
+        # Full fine-tuning without precomputed log-probs: keep M_t as a frozen copy, made here (after the data
+        # is read, before a checkpoint is restored or the optimiser built) and only if some pair needs it.
+        if self.backbone_config.lora or self.precompute_reference or self.reference_model is not None:
+            return
+        datasets = self._datasets()  # none known (plain dataloaders): keep the copy to be safe
+        if not datasets or any(item["ref"] is None for ds in datasets.values() for item in ds.items):
+            self.reference_model = copy.deepcopy(self.model).eval()
+            for p in self.reference_model.parameters():
+                p.requires_grad_(False)
+            log.info("full fine-tuning, reference computed every step: a frozen copy of M_t is kept")
 
     # -- reference -------------------------------------------------------------------------------
     @contextmanager
@@ -81,17 +96,22 @@ class DPOModule(AdapterModule):
                 elif self.backbone_config.lora:
                     with self.model.disable_adapter():
                         yield
+                elif self.reference_model is not None:
+                    self.reference_model.eval()  # kept out of training mode whatever Lightning does to children
+                    yield
                 elif self._trainer is None or self._trainer.global_step == 0:
                     yield  # full fine-tuning, before the first update: the network is still M_t
                 else:
-                    raise RuntimeError("full fine-tuning keeps no copy of M_t: its reference log-probs are computed "
-                                       "before the first update (and restored from the checkpoint on resume)")
+                    raise RuntimeError("full fine-tuning with precompute_reference keeps no copy of M_t: its reference "
+                                       "log-probs are computed before the first update (restored from the checkpoint "
+                                       "on resume)")
         finally:
             self.model.train(was_training)
 
     def reference_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         with self._reference_mode():
-            sums, _ = response_logps(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+            network = self.model if self.reference_model is None else self.reference_model
+            sums, _ = response_logps(network, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                      self.sparse_lm_head, batch.get("lengths"))
         half = sums.shape[0] // 2
         return sums[:half], sums[half:]
@@ -120,7 +140,7 @@ class DPOModule(AdapterModule):
                         dataset.set_reference(i, *ref)
 
     def on_fit_start(self) -> None:
-        if not self.precompute_reference and self.backbone_config.lora:
+        if not self.precompute_reference and (self.backbone_config.lora or self.reference_model is not None):
             return
         dm = self.trainer.datamodule
         for dataset in self._datasets().values():
