@@ -6,9 +6,10 @@ import math
 
 import lightning as L
 import pytest
+from transformers import AutoModelForCausalLM
 
 from srlm.data.datamodule import SFTDataModule
-from srlm.evaluation.loading import resolve_model
+from srlm.evaluation.loading import load_engine, release, resolve_model
 from srlm.models.backbone import BackboneConfig, is_full_model
 from srlm.models.sft import SFTModule
 from srlm.selfreward.config import DPORoundConfig, EvalConfig, SelfRewardConfig
@@ -16,8 +17,8 @@ from srlm.selfreward.engine import Sampling
 from srlm.trainer import SRLMTrainer
 
 
-@pytest.mark.slow
-def test_two_iteration_loop_with_full_fine_tuning(tiny_model, tmp_path):
+@pytest.mark.parametrize("precompute", [True, False])
+def test_two_iteration_loop_with_full_fine_tuning(tiny_model, tmp_path, precompute):
     L.seed_everything(0)
     run = tmp_path / "run"
     trainer = SRLMTrainer(accelerator="cpu", max_steps=1, enable_progress_bar=False, enable_model_summary=False,
@@ -28,7 +29,8 @@ def test_two_iteration_loop_with_full_fine_tuning(tiny_model, tmp_path):
                                    prompt_sampling=Sampling(1.0, 1.0, 16), candidate_sampling=Sampling(1.0, 1.0, 8),
                                    allow_unfinished_chosen=True)
     manifest = trainer.loop(model, data, run_dir=str(run), iterations=2, self_reward=self_reward,
-                            dpo=DPORoundConfig(max_steps=1, max_length=256, max_prompt_length=128),
+                            dpo=DPORoundConfig(max_steps=1, max_length=256, max_prompt_length=128,
+                                                precompute_reference=precompute),
                             checkpoint_every=1, evaluation=EvalConfig(enabled=False))
     for name in ("m1", "iter_1", "iter_2"):
         assert is_full_model(run / name / "model"), name  # a whole HF model, no adapter
@@ -41,6 +43,17 @@ def test_two_iteration_loop_with_full_fine_tuning(tiny_model, tmp_path):
     # evaluation commands take the run's folder as the model
     assert resolve_model(str(run / "iter_2")) == (str(run / "iter_2" / "model"), None)
     assert json.loads((run / "iter_2" / "model" / "srlm_lineage.json").read_text())["base_model"] == tiny_model
+    # ... and load it as the whole model M3 (the weights DPO wrote, not the base's)
+    import torch
+    from safetensors.torch import load_file
+
+    engine, tokenizer = load_engine(str(run / "iter_2"), batch_size=2)
+    saved = load_file(str(run / "iter_2" / "model" / "model.safetensors"))
+    loaded = engine.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in saved.items())
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    assert any(not torch.equal(base[k], v) for k, v in saved.items())
+    release(engine)
 
 
 def test_full_fine_tuning_round_resumes_mid_way_with_the_reference_of_its_start(tiny_model, tmp_path):
