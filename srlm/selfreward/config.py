@@ -104,7 +104,8 @@ class DPORoundConfig:
     max_steps: int = -1
     """Stop after this many steps (-1: no limit)."""
     precompute_reference: bool = True
-    """Reference log-probs in one pass before training (harvested ones need none)."""
+    """Reference log-probs in one pass before training (harvested ones need none); false: a reference pass every
+    step (with ``lora: false`` on a frozen copy of M_t, twice the weights' memory)."""
 
 
 @dataclass
