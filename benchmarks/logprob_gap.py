@@ -35,7 +35,7 @@ from srlm.data.batching import collate_sequences  # noqa: E402
 from srlm.data.chat import encode_prompt  # noqa: E402
 from srlm.models.backbone import DEFAULT_MODEL, load_tokenizer, resolve_model_path  # noqa: E402
 from srlm.models.logprobs import response_logps  # noqa: E402
-from srlm.selfreward.engine import Engine, Sampling  # noqa: E402
+from srlm.inference.engine import Engine, Sampling  # noqa: E402
 
 PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France, and why is it famous?",
            "Explain photosynthesis in two sentences.", "Write a haiku about autumn.",

@@ -251,7 +251,7 @@ def section_generation(model_path: str, sizes: Sizes) -> Result:
     import torch
 
     from srlm.data.chat import encode_prompt
-    from srlm.selfreward.engine import Engine, Sampling
+    from srlm.inference.engine import Engine, Sampling
 
     res = Result()
     model, tok = load_model(model_path)
@@ -315,8 +315,8 @@ def section_judging(model_path: str, sizes: Sizes) -> Result:
 
     from srlm.metrics import RewardMetrics
     from srlm.prompts import load_template
-    from srlm.selfreward.engine import Engine, Sampling, common_prefix
-    from srlm.selfreward.judge import GenerativeJudge, LogitJudge
+    from srlm.inference.engine import Engine, Sampling, common_prefix
+    from srlm.inference.judge import GenerativeJudge, LogitJudge
 
     res = Result()
     model, tok = load_model(model_path)

@@ -22,8 +22,8 @@ def tiny_model(tmp_path_factory) -> str:
 def scripted_judge(monkeypatch):
     """The tiny random model's text, replaced by a judgement whose score is a function of the sampled tokens:
     the engine, its batches, seeds and resume are real; the verdicts parse."""
-    from srlm.selfreward.judge import GenerativeJudge, JudgeResult
-    from srlm.selfreward.scoring import parse_score
+    from srlm.inference.judge import GenerativeJudge, JudgeResult
+    from srlm.inference.scoring import parse_score
 
     def result(self, samples):
         texts = []

@@ -13,7 +13,7 @@ from srlm.data.oasst import build_ranked, load_messages, split_ranked
 from srlm.data.records import parse_ranked, read_records
 from srlm.selfreward.build_eft import (balance, build_eft, default_cap, select_agreeing, trim_judgement,
                                        usable_score)
-from srlm.selfreward.scoring import parse_score
+from srlm.inference.scoring import parse_score
 
 FIXTURE = Path(__file__).parent / "fixtures" / "oasst_tiny.jsonl"
 SAMPLE = Path(__file__).parents[2] / "shared/data/oasst1-en-sample.jsonl"

@@ -8,11 +8,11 @@ import pytest
 
 from srlm.data.datamodule import load_sft_file
 from srlm.evaluation.ifeval import check_response, load_ifeval
-from srlm.evaluation.loading import load_engine, release
+from srlm.inference.loading import load_engine, release
 from srlm.selfreward.checked_eft import (build_checked_eft, build_checked_eft_with, checked_judgement,
                                         checked_score, describe)
-from srlm.selfreward.engine import Sampling
-from srlm.selfreward.scoring import parse_score
+from srlm.inference.engine import Sampling
+from srlm.inference.scoring import parse_score
 
 LOWERCASE = {"key": "t1", "prompt": "Describe rain. Write the whole answer in lowercase letters.",
              "instruction_id_list": ["change_case:english_lowercase", "punctuation:no_comma"], "kwargs": [{}, {}]}

@@ -87,8 +87,8 @@ STEPS = textwrap.dedent('''
         from srlm.models.backbone import load_for_inference, load_tokenizer
         from srlm.prompts import load_template
         from srlm.selfreward import distributed as dist, steps
-        from srlm.selfreward.engine import Engine, Sampling
-        from srlm.selfreward.judge import make_judge
+        from srlm.inference.engine import Engine, Sampling
+        from srlm.inference.judge import make_judge
 
         out = Path(out)
         tok = load_tokenizer(tiny)

@@ -3,7 +3,7 @@ import torch
 
 from srlm.data.chat import encode_prompt
 from srlm.models.backbone import load_for_inference, load_tokenizer
-from srlm.selfreward.engine import Engine, Sampling, common_prefix
+from srlm.inference.engine import Engine, Sampling, common_prefix
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain and the sea.", "Explain recursion.",
            "Name three fruits that are red.", "Why is the sky blue?"]
@@ -79,7 +79,7 @@ def test_common_prefix():
 
 
 def test_nucleus_sampler_is_exact_and_falls_back_for_flat_rows():
-    from srlm.selfreward.engine import _top_p_sample
+    from srlm.inference.engine import _top_p_sample
 
     torch.manual_seed(0)
     vocab, draws, cfg = 400, 3000, Sampling(temperature=0.7, top_p=0.9)
@@ -108,7 +108,7 @@ def test_nucleus_sampler_is_exact_and_falls_back_for_flat_rows():
 def test_reserved_cache_layer_behaves_like_dynamic_layer():
     from transformers.cache_utils import DynamicLayer
 
-    from srlm.selfreward.kv_cache import ReservedLayer
+    from srlm.inference.kv_cache import ReservedLayer
 
     torch.manual_seed(0)
     ours, theirs = ReservedLayer(reserve=3), DynamicLayer()

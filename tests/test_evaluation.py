@@ -12,11 +12,11 @@ import torch
 from srlm.data.records import read_jsonl, write_jsonl
 from srlm.evaluation.head_to_head import (aggregate_verdicts, choice_token_ids, generate_responses, head_to_head,
                                           parse_verdict, verdict_outcome)
-from srlm.evaluation.loading import resolve_model
+from srlm.inference.loading import resolve_model
 from srlm.evaluation.report import write_report
 from srlm.evaluation.reward import (evaluate_reward, evaluate_reward_with, load_ranked,
                                     reward_metrics_from_scores)
-from srlm.selfreward.engine import Engine, Sample, Sampling
+from srlm.inference.engine import Engine, Sample, Sampling
 
 RANKED = [
     {"id": "q1", "prompt": "How do I boil an egg?", "replies": [

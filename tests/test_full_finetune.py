@@ -9,11 +9,11 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from srlm.data.datamodule import SFTDataModule
-from srlm.evaluation.loading import load_engine, release, resolve_model
+from srlm.inference.loading import load_engine, release, resolve_model
 from srlm.models.backbone import BackboneConfig, is_full_model
 from srlm.models.sft import SFTModule
 from srlm.selfreward.config import DPORoundConfig, EvalConfig, SelfRewardConfig
-from srlm.selfreward.engine import Sampling
+from srlm.inference.engine import Sampling
 from srlm.trainer import SRLMTrainer
 
 

@@ -8,7 +8,7 @@ from srlm.data.datamodule import PreferenceDataModule
 from srlm.models.backbone import BackboneConfig, load_for_inference, load_tokenizer
 from srlm.models.dpo import DPOModule
 from srlm.models.optim import OptimConfig
-from srlm.selfreward.engine import Engine, Sampling
+from srlm.inference.engine import Engine, Sampling
 from srlm.selfreward.steps import generate_candidates, make_pairs
 
 

@@ -199,7 +199,7 @@ ROW_FIELDS = {"key", "prompt", "response", "finished", "follow_instruction_list"
 
 
 def test_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
-    from srlm.selfreward.engine import Engine
+    from srlm.inference.engine import Engine
 
     out = tmp_path / "ifeval"
     args = dict(model=tiny_model, output_dir=str(out), max_new_tokens=6, batch_size=2, max_prompts=4)

@@ -10,7 +10,7 @@ from srlm.evaluation.report import learning_curve, write_report
 from srlm.models.backbone import BackboneConfig
 from srlm.models.sft import SFTModule
 from srlm.selfreward.config import DPORoundConfig, EvalConfig, SelfRewardConfig
-from srlm.selfreward.engine import Sampling
+from srlm.inference.engine import Sampling
 from srlm.trainer import SRLMTrainer
 
 IFEVAL_KEYS = ("prompt_level_strict", "inst_level_strict", "prompt_level_loose", "inst_level_loose")

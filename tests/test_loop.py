@@ -14,7 +14,7 @@ from srlm.data.records import JsonlAppender
 from srlm.models.backbone import BackboneConfig
 from srlm.models.sft import SFTModule
 from srlm.selfreward.config import DPORoundConfig, EvalConfig, SelfRewardConfig
-from srlm.selfreward.engine import Sampling
+from srlm.inference.engine import Sampling
 from srlm.selfreward.rundir import RunConfigMismatch
 from srlm.trainer import SRLMTrainer
 

@@ -21,7 +21,7 @@ from srlm.models.sft import SFTModule
 from srlm.selfreward import loop as loop_module
 from srlm.selfreward.config import DPORoundConfig, EvalConfig, SelfRewardConfig
 from srlm.selfreward.creator import InstructionCreator
-from srlm.selfreward.engine import Sampling
+from srlm.inference.engine import Sampling
 from srlm.selfreward.rundir import RunDir
 from srlm.selfreward.steps import make_pairs
 from srlm.trainer import SRLMTrainer

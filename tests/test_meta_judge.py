@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from srlm.evaluation.loading import load_engine, release
+from srlm.inference.loading import load_engine, release
 from srlm.prompts import load_template
 from srlm.selfreward.config import SelfRewardConfig
-from srlm.selfreward.engine import Sampling
+from srlm.inference.engine import Sampling
 from srlm.selfreward.meta_judge import (META_FIELDS, cap_judge_pairs, disagreeing, meta_judge, outcome, rank,
                                         rubric_of)
 

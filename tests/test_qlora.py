@@ -13,7 +13,7 @@ from srlm.models.backbone import BackboneConfig, lineage_names, load_for_inferen
 from srlm.models.optim import OptimConfig
 from srlm.models.sft import SFTModule
 from srlm.selfreward.config import DPORoundConfig, EvalConfig, SelfRewardConfig
-from srlm.selfreward.engine import Sampling
+from srlm.inference.engine import Sampling
 from srlm.trainer import SRLMTrainer
 
 

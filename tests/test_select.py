@@ -17,7 +17,7 @@ from srlm.models.backbone import BackboneConfig
 from srlm.models.optim import OptimConfig
 from srlm.models.sft import SFTModule
 from srlm.selfreward import select
-from srlm.selfreward.engine import Engine, Sampling
+from srlm.inference.engine import Engine, Sampling
 from srlm.selfreward.select import SelectBest, SelectionConfig, measure, selection_callbacks
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from srlm.selfreward.pairs import build_pairs, positive_examples
 from srlm.selfreward.prompt_filter import PromptFilter, extract_new_prompt, normalise_prompt, similarity
-from srlm.selfreward.scoring import parse_score, summarise_scores
+from srlm.inference.scoring import parse_score, summarise_scores
 
 # -- scoring ----------------------------------------------------------------------------------------
 PARSE_TABLE = [

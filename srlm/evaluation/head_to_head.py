@@ -24,11 +24,11 @@ from typing import Optional, Sequence, Union
 from srlm.data.chat import encode_prompt
 from srlm.data.datamodule import resolve_path
 from srlm.data.records import iter_jsonl, write_json, write_jsonl
-from srlm.evaluation.loading import load_engine, release, resolve_model
+from srlm.inference.loading import load_engine, release, resolve_model
 from srlm.models.backbone import DEFAULT_MODEL
 from srlm.prompts import PromptTemplate, load_template
-from srlm.selfreward.engine import Engine, Sampling
-from srlm.selfreward.judge import choice_token_ids
+from srlm.inference.engine import Engine, Sampling
+from srlm.inference.judge import choice_token_ids
 
 VERDICTS = ("A", "B", "tie")
 # "Verdict" as a label (":", "=", "is" or a dash), then the choice. A and B are upper-case only, so

@@ -52,9 +52,9 @@ from typing import Iterable, Optional, Union
 from srlm.data.chat import encode_prompt
 from srlm.data.datamodule import resolve_path
 from srlm.data.records import JsonlAppender, RecordError, iter_jsonl, write_json, write_jsonl
-from srlm.evaluation.loading import load_engine, release, resolve_model
+from srlm.inference.loading import load_engine, release, resolve_model
 from srlm.models.backbone import DEFAULT_MODEL, cache_dir
-from srlm.selfreward.engine import Engine, Sampling
+from srlm.inference.engine import Engine, Sampling
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ from typing import Iterable, Optional, Union
 
 from srlm.data.oasst import read_ranked
 from srlm.data.records import RankedPrompt, write_json, write_jsonl
-from srlm.evaluation.loading import load_engine, release, resolve_model
+from srlm.inference.loading import load_engine, release, resolve_model
 from srlm.metrics.reward import RewardMetrics
 from srlm.models.backbone import DEFAULT_MODEL
 from srlm.prompts import PromptTemplate, load_template
-from srlm.selfreward.engine import Engine, Sampling
-from srlm.selfreward.judge import make_judge
+from srlm.inference.engine import Engine, Sampling
+from srlm.inference.judge import make_judge
 
 METRIC_KEYS = ("pairwise_accuracy", "exact_match", "five_best", "spearman", "kendall_tau")
 SCORES_FILE, METRICS_FILE = "reward_scores.jsonl", "reward_metrics.json"

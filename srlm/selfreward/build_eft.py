@@ -50,7 +50,7 @@ from typing import Optional, Sequence
 
 from srlm.data.records import JsonlAppender, RankedPrompt, iter_jsonl, write_json, write_jsonl
 from srlm.models.backbone import DEFAULT_MODEL
-from srlm.selfreward.scoring import _LABEL, parse_score, score_bin
+from srlm.inference.scoring import _LABEL, parse_score, score_bin
 
 MAX_SCORE = 5
 SAMPLES_SUFFIX, STATS_SUFFIX = ".samples.jsonl", ".stats.json"
@@ -217,8 +217,8 @@ def build_eft_with(engine, tokenizer, ranked: Sequence[RankedPrompt], output: st
     """``build_eft`` with an already loaded engine; returns the stats (also written to ``<output>.stats.json``)."""
     from srlm.evaluation.reward import reward_metrics_from_scores
     from srlm.prompts import load_template
-    from srlm.selfreward.engine import Sampling
-    from srlm.selfreward.judge import GenerativeJudge
+    from srlm.inference.engine import Sampling
+    from srlm.inference.judge import GenerativeJudge
     from srlm.selfreward.steps import Progress
 
     if samples < 1:
@@ -354,9 +354,9 @@ def build_eft(ranked: str, output: str, model: str = DEFAULT_MODEL, adapter: Opt
         batch_size: judge prompts per forward (each with ``samples`` rows).
         seed: judge sampling seed and balancing seed.
     """
-    from srlm.evaluation.loading import load_engine, release, resolve_model
+    from srlm.inference.loading import load_engine, release, resolve_model
     from srlm.evaluation.reward import load_ranked
-    from srlm.selfreward.engine import Sampling
+    from srlm.inference.engine import Sampling
 
     prompts = load_ranked(ranked, max_prompts)
     base, adapter = resolve_model(model, adapter)

@@ -85,7 +85,7 @@ def build_checked_eft_with(engine, tokenizer, items: Sequence[dict], output: str
                            **record) -> dict:
     """``build_checked_eft`` with a loaded engine; ``references`` maps an item key to its reference answer."""
     from srlm.evaluation.ifeval import _setup_checkers, check_response
-    from srlm.selfreward.engine import Sampling
+    from srlm.inference.engine import Sampling
     from srlm.selfreward.steps import Progress
 
     if samples < 1:
@@ -193,8 +193,8 @@ def build_checked_eft(prompts: str, output: str, model: str = DEFAULT_MODEL, ada
     """
     from srlm.data.datamodule import resolve_path
     from srlm.evaluation.ifeval import load_ifeval
-    from srlm.evaluation.loading import load_engine, release, resolve_model
-    from srlm.selfreward.engine import Sampling
+    from srlm.inference.loading import load_engine, release, resolve_model
+    from srlm.inference.engine import Sampling
 
     items = load_ifeval(prompts, max_prompts)
     references = {}

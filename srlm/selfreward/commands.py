@@ -19,8 +19,8 @@ from srlm.data.records import read_jsonl
 from srlm.models.backbone import DEFAULT_MODEL, load_for_inference, load_tokenizer
 from srlm.prompts import load_template
 from srlm.selfreward import steps
-from srlm.selfreward.engine import Engine, Sampling
-from srlm.selfreward.judge import make_judge
+from srlm.inference.engine import Engine, Sampling
+from srlm.inference.judge import make_judge
 
 
 def _engine(model: str, adapter: Optional[str], batch_size: int, seed: int, dtype: str = "auto"):

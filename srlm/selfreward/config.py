@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from srlm.models.optim import OptimConfig
-from srlm.selfreward.engine import Sampling
+from srlm.inference.engine import Sampling
 
 
 @dataclass

@@ -32,8 +32,8 @@ from srlm.selfreward import distributed as dist
 from srlm.selfreward import steps
 from srlm.selfreward.config import SelfRewardConfig
 from srlm.selfreward.meta_judge import META_FIELDS, JUDGE_PAIRS, cap_judge_pairs, meta_judge
-from srlm.selfreward.engine import Engine
-from srlm.selfreward.judge import make_judge
+from srlm.inference.engine import Engine
+from srlm.inference.judge import make_judge
 from srlm.selfreward.pairs import positive_examples
 from srlm.selfreward.rundir import RunDir
 

@@ -95,7 +95,7 @@ def evaluate_phase(run: RunDir, name: str, model, ev: EvalConfig, batch_size: in
     ``h2h/<name>/vs_<label>``). ``model`` is an exported model folder or, for the base model, its name.
     Each part is skipped when its phase is done; the numbers also go to ``<name>/metrics.json``."""
     from srlm.evaluation.head_to_head import compare
-    from srlm.evaluation.loading import load_engine, release
+    from srlm.inference.loading import load_engine, release
 
     wanted = [f"eval/{name}"] + ([f"ifeval/{name}"] if ev.ifeval_file else [])
     if not all(run.done(p) for p in wanted):

@@ -30,8 +30,8 @@ from typing import Optional, Sequence
 
 from srlm.data.chat import encode_prompt
 from srlm.prompts import PromptTemplate
-from srlm.selfreward.judge import choice_token_ids
-from srlm.selfreward.scoring import parse_score
+from srlm.inference.judge import choice_token_ids
+from srlm.inference.scoring import parse_score
 
 CUE = "Verdict:"
 JUDGE_PAIRS = "judge_pairs.jsonl"

@@ -44,7 +44,7 @@ import torch
 
 from srlm.data.chat import encode_prompt
 from srlm.data.records import write_json
-from srlm.selfreward.engine import Engine, Sampling
+from srlm.inference.engine import Engine, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def _ifeval_value(engine: Engine, tokenizer, config: SelectionConfig) -> float:
 def _judge_value(engine: Engine, tokenizer, config: SelectionConfig) -> float:
     from srlm.evaluation.reward import load_ranked, reward_metrics_from_scores
     from srlm.prompts import load_template
-    from srlm.selfreward.judge import make_judge
+    from srlm.inference.judge import make_judge
 
     ranked = load_ranked(config.ranked_file, config.max_prompts)
     judge = make_judge("logit", engine, tokenizer, load_template("judge_additive", "question", "response"))

@@ -34,8 +34,8 @@ from srlm.data.chat import encode_prompt
 from srlm.data.records import iter_jsonl, write_jsonl
 from srlm.prompts import PromptTemplate
 from srlm.selfreward import distributed as dist
-from srlm.selfreward.engine import Engine, Sampling
-from srlm.selfreward.judge import Judge
+from srlm.inference.engine import Engine, Sampling
+from srlm.inference.judge import Judge
 from srlm.selfreward.pairs import build_pairs
 from srlm.selfreward.prompt_filter import PromptFilter, extract_new_prompt
 

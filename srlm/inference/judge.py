@@ -22,8 +22,8 @@ import torch
 
 from srlm.data.chat import encode_prompt
 from srlm.prompts import PromptTemplate
-from srlm.selfreward.engine import Engine, Sampling
-from srlm.selfreward.scoring import parse_score
+from srlm.inference.engine import Engine, Sampling
+from srlm.inference.scoring import parse_score
 
 
 @dataclass

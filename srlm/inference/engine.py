@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from srlm.selfreward.kv_cache import reserved_cache
+from srlm.inference.kv_cache import reserved_cache
 
 
 @dataclass

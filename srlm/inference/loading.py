@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from srlm.models.backbone import LINEAGE_FILE, is_full_model, load_for_inference, load_tokenizer
-from srlm.selfreward.engine import Engine
+from srlm.inference.engine import Engine
 
 
 def _adapter_folder(path: Path) -> Optional[Path]:
