@@ -40,8 +40,13 @@ def test_cap_keeps_the_share_of_the_round():
 
 def test_config_refuses_meta_judging_without_several_judgements():
     with pytest.raises(ValueError, match="judge_samples >= 2"):
-        SelfRewardConfig(meta_judge=True, judge_mode="logit")
-    SelfRewardConfig(meta_judge=True, judge_mode="generative", judge_samples=3)
+        SelfRewardConfig(meta_judge=True, judge_mode="logit", judge_samples=1)
+    assert SelfRewardConfig(meta_judge=True, judge_mode="generative", judge_samples=3).judging == "generative"
+    # the meta-judge needs judgement texts: the logit judge writes them first (smoke.yaml's judge + meta_judge)
+    assert SelfRewardConfig(meta_judge=True, judge_mode="logit", judge_samples=2).judging == "reasoned"
+    assert SelfRewardConfig(judge_mode="logit").judging == "logit"
+    with pytest.raises(ValueError, match="judge_mode"):
+        SelfRewardConfig(judge_mode="logits")
 
 
 def test_meta_judge_on_the_tiny_model(tiny_model):

@@ -7,6 +7,10 @@ Two modes, chosen by config:
 - ``logit``: one forward pass with the ``Score:`` cue forced as the start of the answer, then the
   expectation of the score under the probabilities of the digit tokens 0..max_score. Always
   yields a score, with no sampling; ``mass`` tells how much probability the digits carried.
+- ``reasoned``: the logit judge after a written judgement: sample k judgements, cut each before
+  any score line it wrote, force ``Score:`` after it and read the digits as ``logit`` does. Every
+  sample gets a score and its text ends in ``Score: d`` (d the most probable digit), which is what
+  the meta-judge compares when the model rarely writes a parsable score itself.
 
 Both compute the key/values of the part shared by every judge prompt (system turn and rubric)
 once per call.
@@ -23,7 +27,7 @@ import torch
 from srlm.data.chat import encode_prompt
 from srlm.prompts import PromptTemplate
 from srlm.inference.engine import Engine, Sampling
-from srlm.inference.scoring import parse_score
+from srlm.inference.scoring import before_score, parse_score
 
 
 @dataclass
@@ -143,10 +147,67 @@ class LogitJudge(Judge):
         return [self._result(row) if row is not None else None for row in logprobs]
 
 
+class ReasonedJudge(GenerativeJudge):
+    """Sample k judgements, then force the cue after each and take the expected score over the digits."""
+
+    def __init__(self, engine: Engine, tokenizer, template: PromptTemplate, samples: int = 3,
+                 sampling: Sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=160), cue: str = "Score:",
+                 max_score: int = 5):
+        super().__init__(engine, tokenizer, template, samples, sampling, max_score)
+        self.cue = cue
+        self.cue_ids, self.digit_ids = digit_token_ids(tokenizer, cue, max_score)
+
+    def _bodies(self, samples) -> list[str]:
+        """Each judgement's text up to the first score line it wrote (the forced cue then gives the score)."""
+        texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
+        return [before_score(t).rstrip() for t in texts]
+
+    def _cued(self, prompt: list[int], body: str) -> list[int]:
+        written = self.tokenizer(body + "\n", add_special_tokens=False)["input_ids"] if body else []
+        return prompt + written + self.cue_ids
+
+    def _reasoned(self, prompts: list[list[int]], groups: list[list]) -> list[JudgeResult]:
+        bodies = [self._bodies(g) for g in groups]
+        rows = self.engine.next_token_logprobs([self._cued(p, b) for p, bs in zip(prompts, bodies) for b in bs])
+        results, k = [], 0
+        for bs in bodies:
+            texts, scores = [], []
+            for body in bs:
+                lp = rows[k][self.digit_ids].double()
+                k += 1
+                probs = torch.softmax(lp, 0)
+                expected = float((probs * torch.arange(len(self.digit_ids), dtype=torch.float64)).sum())
+                verdict = f"{self.cue} {int(probs.argmax())}"
+                texts.append(f"{body}\n{verdict}" if body else verdict)
+                scores.append(expected if math.isfinite(expected) else None)
+            valid = [s for s in scores if s is not None]
+            results.append(JudgeResult(sum(valid) / len(valid) if valid else None, scores, texts))
+        return results
+
+    def score(self, items, on_batch=None, skip=None, seed=None):
+        prompts = [self.prompt_ids(q, r) for q, r in items]
+        results: list[Optional[JudgeResult]] = [None] * len(items)
+
+        def scored(idx, groups):  # each batch's cue pass right after its samples, so on_batch can write them
+            batch = self._reasoned([prompts[i] for i in idx], groups)
+            for i, r in zip(idx, batch):
+                results[i] = r
+            if on_batch is not None:
+                on_batch(idx, batch)
+
+        self.engine.generate(prompts, self.samples, self.sampling, on_batch=scored, skip=skip, seed=seed)
+        return results
+
+
+JUDGE_MODES = ("generative", "logit", "reasoned")
+
+
 def make_judge(mode: str, engine: Engine, tokenizer, template: PromptTemplate, samples: int = 3,
                sampling: Optional[Sampling] = None, max_score: int = 5) -> Judge:
     if mode == "generative":
         return GenerativeJudge(engine, tokenizer, template, samples, sampling or Sampling(0.7, 0.9, 160), max_score)
     if mode == "logit":
         return LogitJudge(engine, tokenizer, template, max_score=max_score)
-    raise ValueError(f"judge mode '{mode}': expected generative or logit")
+    if mode == "reasoned":
+        return ReasonedJudge(engine, tokenizer, template, samples, sampling or Sampling(0.7, 0.9, 160), max_score=max_score)
+    raise ValueError(f"judge mode '{mode}': expected one of {', '.join(JUDGE_MODES)}")

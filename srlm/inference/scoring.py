@@ -57,6 +57,12 @@ def parse_score(judge_output: str, *, max_score: int = 5) -> Optional[float]:
     return value
 
 
+def before_score(judge_output: str) -> str:
+    """The judge's text before the first score label it wrote (all of it when it wrote none)."""
+    first = _LABEL.search(judge_output or "")
+    return (judge_output or "")[:first.start()] if first else (judge_output or "")
+
+
 def score_bin(score: float) -> int:
     """Integer bin of a (possibly averaged) score, rounding half up: 3.5 -> 4, 3.49 -> 3."""
     return int(math.floor(score + 0.5))

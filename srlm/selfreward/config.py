@@ -7,6 +7,7 @@ from typing import Optional
 
 from srlm.models.optim import OptimConfig
 from srlm.inference.engine import Sampling
+from srlm.inference.judge import JUDGE_MODES
 
 
 @dataclass
@@ -32,7 +33,8 @@ class SelfRewardConfig:
     candidate_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_new_tokens=192))
     """Sampling for candidates (paper: T=0.7, p=0.9)."""
     judge_mode: str = "generative"
-    """``generative`` (sample, parse ``Score: N``, average) or ``logit`` (expected score from the digit probabilities)."""
+    """``generative`` (sample, parse ``Score: N``, average), ``logit`` (expected score from the digit probabilities
+    after a forced ``Score:``) or ``reasoned`` (sample a judgement, then read the digits after a forced ``Score:``)."""
     judge_samples: int = 3
     """Judge samples per candidate in generative mode, averaged (paper: 3)."""
     judge_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_new_tokens=128))
@@ -59,7 +61,8 @@ class SelfRewardConfig:
     meta_judge: bool = False
     """Meta-Rewarding's meta-judge: M_t compares its own disagreeing judgements of a candidate (both orders), and
     the best against the worst judgement trains the judge in the same DPO round (srlm/selfreward/meta_judge.py).
-    Needs judge_mode generative with judge_samples >= 2."""
+    Needs judge_samples >= 2 written judgements: with judge_mode logit the judge writes them first and reads the
+    score after each (judge_mode reasoned)."""
     meta_judge_share: float = 0.25
     """Largest share of a DPO round's pairs that are judge pairs (the rest are actor pairs)."""
     meta_judge_template: str = "meta_judge"
@@ -69,11 +72,17 @@ class SelfRewardConfig:
     seed: int = 0
     """Seed for few-shot sampling and generation."""
 
+    @property
+    def judging(self) -> str:
+        """The judge mode the loop runs: the meta-judge needs written judgements, so logit becomes reasoned."""
+        return "reasoned" if self.meta_judge and self.judge_mode == "logit" else self.judge_mode
+
     def __post_init__(self):
-        if self.meta_judge and (self.judge_mode != "generative" or self.judge_samples < 2):
+        if self.judge_mode not in JUDGE_MODES:
+            raise ValueError(f"self_reward.judge_mode: expected one of {', '.join(JUDGE_MODES)}, got {self.judge_mode!r}")
+        if self.meta_judge and self.judge_samples < 2:
             raise ValueError("self_reward.meta_judge compares a candidate's judgements with each other: it needs "
-                             "judge_mode: generative and judge_samples >= 2 (got "
-                             f"judge_mode: {self.judge_mode}, judge_samples: {self.judge_samples})")
+                             f"judge_samples >= 2 (got {self.judge_samples})")
         if self.rejected_from not in ("current", "m1", "sft"):
             raise ValueError(f"self_reward.rejected_from: expected current, m1 or sft, got {self.rejected_from!r}")
         if not 0.0 <= self.meta_judge_share < 1.0:

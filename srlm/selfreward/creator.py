@@ -109,7 +109,7 @@ class InstructionCreator:
         self._log("anchor candidates", stats)
         del engine
         anchors = steps.existing(paths[0])
-        judge = make_judge(c.judge_mode, judge_engine, tok, load_template(c.judge_template, "question", "response"),
+        judge = make_judge(c.judging, judge_engine, tok, load_template(c.judge_template, "question", "response"),
                            c.judge_samples, c.judge_sampling)
         stats = steps.judge_candidates(judge, anchors, paths[1], seed=self.seed, show_progress=self.show_progress)
         self._log("anchor judgements", stats)
@@ -145,7 +145,7 @@ class InstructionCreator:
         candidates = steps.existing(files["candidates"])
         if not self.run_dir.done(self.phase("judgements")):
             engine, tok = current = current or self._engine(model_dir)
-            judge = make_judge(c.judge_mode, engine, tok, load_template(c.judge_template, "question", "response"),
+            judge = make_judge(c.judging, engine, tok, load_template(c.judge_template, "question", "response"),
                                c.judge_samples, c.judge_sampling)
             stats = steps.judge_candidates(judge, candidates, files["judgements"], seed=self.seed,
                                            show_progress=self.show_progress)
