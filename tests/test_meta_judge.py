@@ -12,9 +12,12 @@ from srlm.selfreward.meta_judge import (META_FIELDS, cap_judge_pairs, disagreein
                                         rubric_of)
 
 
-def test_outcome_needs_both_orders():
-    assert outcome("A", "B") == 0 and outcome("B", "A") == 1
-    assert outcome("A", "A") is None and outcome("B", "B") is None and outcome("tie", "B") is None
+def test_outcome_sums_both_orders_so_position_bias_cancels():
+    # log p(A) - log p(B) with judgement 0 shown as A, then shown as B
+    assert outcome(2.0, -1.0) == 0 and outcome(-2.0, 1.0) == 1  # both orders agree
+    # both orders favour A (position bias of about +2.5): judgement 0 is preferred by 1 nat over the bias
+    assert outcome(3.0, 2.0) == 0 and outcome(2.0, 3.0) == 1
+    assert outcome(1.5, 1.5) is None  # nothing but the bias: a tie, never guessed
 
 
 def test_rank_best_worst_and_shared_places():
@@ -64,6 +67,7 @@ def test_meta_judge_on_the_tiny_model(tiny_model):
         release(engine)
     assert counts["judged_candidates"] == 3 and counts["disagreeing"] == 2 and counts["unparsed"] == 1
     assert counts["comparisons"] == 3 + 1  # c0: 3 pairs of judgements, c2: 1
+    assert 0 <= counts["order_flips"] <= counts["comparisons"] and counts["ties"] == 0
     assert counts["judge_pairs"] == len(pairs) == 2 - counts["no_clear_order"]
     for pair in pairs:
         cand = next(c for c in candidates if c["id"] == pair["candidate_id"])
@@ -76,9 +80,9 @@ def test_meta_judge_on_the_tiny_model(tiny_model):
 def test_loop_trains_judge_pairs_with_actor_pairs(tiny_model, tmp_path, scripted_judge, monkeypatch):
     from test_loop_bugs import tiny_loop
 
-    # The tiny random model's verdicts flip with the order (all ties, as its counts show): script a
-    # consistent one, the earlier judgement wins; the meta-judge prompts still run through the model.
-    monkeypatch.setattr("srlm.selfreward.meta_judge.outcome", lambda first, second: 0)
+    # The tiny random model's preferences can be cyclic (no clear best or worst): script a consistent
+    # one, the earlier judgement wins; the meta-judge prompts still run through the model.
+    monkeypatch.setattr("srlm.selfreward.meta_judge.outcome", lambda straight, swapped: 0)
     run = tmp_path / "run"
     manifest = tiny_loop(tiny_model, run, judge_mode="generative", judge_samples=3, meta_judge=True,
                          meta_judge_share=0.5, allow_unfinished_chosen=True, num_prompts=4,

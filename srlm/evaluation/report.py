@@ -283,7 +283,7 @@ def _iteration_section(run_dir: Path, phases: dict, t: int, plots: Path, notes: 
     meta = pairs.get("meta_judge") if isinstance(pairs.get("meta_judge"), dict) else None
     if meta:  # Meta-Rewarding's judge pairs (self_reward.meta_judge)
         rows += [["meta-judge: candidates with disagreeing judgements", _fmt(meta.get("disagreeing"))],
-                 ["meta-judge: comparisons / ties (order flips)", f"{_fmt(meta.get('comparisons'))} / {_fmt(meta.get('ties'))}"],
+                 ["meta-judge: comparisons / order flips / ties", f"{_fmt(meta.get('comparisons'))} / {_fmt(meta.get('order_flips'))} / {_fmt(meta.get('ties'))}"],
                  ["meta-judge: no clear best/worst", _fmt(meta.get("no_clear_order"))],
                  ["judge pairs trained (before the share cap)",
                   f"{_fmt(meta.get('judge_pairs'))} ({_fmt(meta.get('judge_pairs_before_cap'))})"]]

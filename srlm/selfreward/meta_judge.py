@@ -5,8 +5,12 @@ candidate), every candidate whose k judgements disagree (two or more different p
 meta-judged: M_t compares each two of its judgements of that candidate with the meta-judge template
 (bundled ``meta_judge``: the judge's rubric, the question, the answer, evaluation A and evaluation
 B), in both orders, reading the verdict from the probabilities of ``A`` and ``B`` after a forced
-``Verdict:`` cue. A judgement wins a comparison only when it wins in both orders; a flip (position
-bias) or equal probabilities is a tie, counted and never guessed. Judgements are ranked by wins; the
+``Verdict:`` cue. A judgement's preference is the sum of its log-odds over the other in the two
+orders (log p(A) - log p(B) where it is A, log p(B) - log p(A) where it is B): a position bias adds
+the same amount to A in both orders and cancels. It wins when that sum is above zero; exactly zero
+is a tie, counted and never guessed. Comparisons whose two orders disagree on their own (the bias
+outweighs the preference: the 135M model's usual case, which gave no pairs at all when a win needed
+both orders) are counted as ``order_flips``. Judgements are ranked by wins; the
 one with most wins against the one with fewest becomes a judge preference pair
 
     {"id", "prompt": <the judge prompt of that candidate>, "chosen": <better judgement>,
@@ -51,13 +55,11 @@ def disagreeing(judgement: dict, max_score: int = 5) -> list[int]:
     return [i for i, _ in parsed] if len({s for _, s in parsed}) > 1 else []
 
 
-def outcome(first: str, second: str) -> Optional[int]:
-    """0 if judgement 0 wins (shown as A it wins, shown as B it wins), 1 if judgement 1 wins, None for a tie."""
-    if first == "A" and second == "B":
-        return 0
-    if first == "B" and second == "A":
-        return 1
-    return None
+def outcome(straight: float, swapped: float) -> Optional[int]:
+    """0 if judgement 0 wins, 1 if judgement 1 wins, None for a tie, from log p(A) - log p(B) in each order
+    (judgement 0 shown as A, then as B): judgement 0's preference is ``straight - swapped``."""
+    preference = straight - swapped
+    return 0 if preference > 0 else 1 if preference < 0 else None
 
 
 def rank(n: int, results: dict[tuple[int, int], Optional[int]]) -> Optional[tuple[int, int, list[int]]]:
@@ -92,7 +94,7 @@ def meta_judge(engine, tokenizer, template: PromptTemplate, judge_template: Prom
     rubric = rubric_of(judge_template)
     cue_ids, (id_a, id_b) = choice_token_ids(tokenizer, CUE)
     jobs, prompts = [], []  # (candidate id, i, j, order) per meta-judge prompt
-    counts = {"judged_candidates": 0, "disagreeing": 0, "unparsed": 0, "comparisons": 0, "ties": 0,
+    counts = {"judged_candidates": 0, "disagreeing": 0, "unparsed": 0, "comparisons": 0, "ties": 0, "order_flips": 0,
               "no_clear_order": 0, "judge_pairs": 0}
     chosen_sets: dict[str, list[int]] = {}
     for j in judgements:
@@ -114,19 +116,17 @@ def meta_judge(engine, tokenizer, template: PromptTemplate, judge_template: Prom
                                      judgement_b=outputs[picked[second]].strip())
                 jobs.append((j["id"], a, b, (first, second) == (a, b)))
                 prompts.append(encode_prompt(tokenizer, text) + cue_ids)
-    verdicts = []
-    for row in engine.next_token_logprobs(prompts) if prompts else []:
-        lp_a, lp_b = float(row[id_a]), float(row[id_b])
-        verdicts.append("A" if lp_a > lp_b else "B" if lp_b > lp_a else "tie")
-    per_pair: dict[tuple[str, int, int], list[str]] = {}
-    for (cid, a, b, straight), verdict in zip(jobs, verdicts):
-        # as (straight order, swapped order) verdicts about judgement a shown first
-        per_pair.setdefault((cid, a, b), ["", ""])[0 if straight else 1] = verdict
+    log_odds = [float(row[id_a]) - float(row[id_b]) for row in (engine.next_token_logprobs(prompts) if prompts else [])]
+    per_pair: dict[tuple[str, int, int], list[float]] = {}
+    for (cid, a, b, straight), value in zip(jobs, log_odds):
+        # (straight order, swapped order) log-odds of A over B, judgement a shown first in the straight one
+        per_pair.setdefault((cid, a, b), [0.0, 0.0])[0 if straight else 1] = value
     results: dict[str, dict[tuple[int, int], Optional[int]]] = {}
     for (cid, a, b), (straight, swapped) in per_pair.items():
         winner = outcome(straight, swapped)
         counts["comparisons"] += 1
         counts["ties"] += winner is None
+        counts["order_flips"] += (straight > 0) == (swapped > 0)  # both orders favour the same position
         results.setdefault(cid, {})[(a, b)] = winner
     pairs = []
     for j in judgements:
