@@ -94,6 +94,12 @@ def _top_p_sample(logits: torch.Tensor, cfg: Sampling, generator: torch.Generato
     return tokens
 
 
+def _cache_of(out):
+    """The key/value cache a forward returned (``cache`` since transformers 5.2x, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 class Engine:
     """Sampling and scoring over a causal LM in eval mode.
 
@@ -121,6 +127,8 @@ class Engine:
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         accepts = inspect.signature(inner.forward).parameters
         self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+        # transformers 5.2x renamed past_key_values to cache (the old name warns on every call)
+        self._cache_kw = "cache" if "cache" in accepts else "past_key_values"
 
     # -- prefill ---------------------------------------------------------------------------------
     def _prefix_cache(self, prompts: Sequence[Sequence[int]]):
@@ -132,7 +140,7 @@ class Engine:
         ids = torch.tensor([list(prompts[0][:n])], device=self.device)
         out = self.model(input_ids=ids, use_cache=True, **self._last_only)
         self.stats["prefill_tokens"] += n
-        layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        layers = [(layer.keys, layer.values) for layer in _cache_of(out).layers]
         return n, layers
 
     def _prefill(self, prompts: Sequence[Sequence[int]], prefix_len: int, prefix_layers, new_tokens: int = 0):
@@ -156,10 +164,10 @@ class Engine:
                 layer.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
             mask = torch.cat([torch.ones((b, prefix_len), dtype=torch.long, device=self.device), mask], 1)
             self.stats["prefix_tokens_reused"] += prefix_len * b
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                         **self._last_only)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self._cache_kw: cache}, **self._last_only)
         self.stats["prefill_tokens"] += int(sum(len(s) for s in suffixes))
-        return out.logits[:, -1], out.past_key_values, mask, positions[:, -1]
+        return out.logits[:, -1], _cache_of(out), mask, positions[:, -1]
 
     def _chunks(self, prompts: Sequence[Sequence[int]], size: int, max_tokens: Optional[int] = None):
         """Batches of prompt indices, longest first; with ``max_tokens``, a batch of long prompts has fewer rows
@@ -255,7 +263,7 @@ class Engine:
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
             last_pos = last_pos + 1
             out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                             past_key_values=cache, use_cache=True)
+                             use_cache=True, **{self._cache_kw: cache})
             logits = out.logits[:, -1]
             self.stats["decode_steps"] += 1
         return [Sample(tokens[r], logps[r], finished[r]) for r in range(rows)]
