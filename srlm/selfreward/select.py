@@ -95,7 +95,7 @@ class SelectionConfig:
 # -- measuring -------------------------------------------------------------------------------------
 def load_constraint_prompts(path: str, max_prompts: Optional[int] = None) -> list[dict]:
     """IFEval-format prompts, validated by ``load_ifeval`` (which takes ``id`` for a missing ``key``)."""
-    from srlm.evaluation.ifeval import load_ifeval
+    from srlm.metrics.ifeval import load_ifeval
 
     return load_ifeval(path, max_prompts)
 
@@ -111,7 +111,7 @@ def _nan_if_none(value) -> float:
 
 
 def _ifeval_value(engine: Engine, tokenizer, config: SelectionConfig) -> float:
-    from srlm.evaluation.ifeval import check_response, ifeval_metrics
+    from srlm.metrics.ifeval import check_response, ifeval_metrics
 
     items = load_constraint_prompts(config.ifeval_file, config.max_prompts)
     prompts = [encode_prompt(tokenizer, item["prompt"]) for item in items]
