@@ -21,7 +21,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping
 
-from srlm.data.records import RankedPrompt, RecordError, Reply, SFTExample, iter_jsonl, write_jsonl
+from srlm.data.records import (RankedPrompt, RecordError, Reply, SFTExample, iter_jsonl, parse_ranked, read_records,
+                                resolve_path, write_jsonl)
 
 ROLES = ("prompter", "assistant")
 
@@ -240,9 +241,6 @@ def _tree_side(tree_id: str, seed: int) -> float:
 def read_ranked(path: str) -> list[RankedPrompt]:
     """RankedPrompt records from a ranked jsonl (``seed:`` paths allowed), or from an OpenAssistant export
     converted on the fly."""
-    from srlm.data.datamodule import resolve_path  # lazy: datamodule imports lightning
-    from srlm.data.records import parse_ranked, read_records
-
     resolved = resolve_path(path)
     first = next(iter_jsonl(resolved), None)
     if first is None:

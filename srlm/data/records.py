@@ -13,7 +13,8 @@ Every data file srlm reads or writes is JSON Lines: one object per line. The rec
 - ``PreferencePair`` ``{"prompt", "chosen", "rejected", ...}``: a DPO example; other fields kept.
 
 Reading validates every line and raises ``RecordError`` naming the file, line and field. Writing
-a whole file is atomic (temp file + rename); streams are appended and flushed line by line.
+a whole file is atomic (temp file + rename); streams are appended and flushed line by line. Paths
+may start with ``seed:`` to name a file shipped in ``srlm/data/seed`` (``resolve_path``).
 """
 
 from __future__ import annotations
@@ -142,6 +143,17 @@ def parse_preference(obj: dict, path, line: int) -> PreferencePair:
         raise RecordError(path, line, "rejected", "identical to 'chosen': a pair needs two different responses")
     extra = {k: v for k, v in obj.items() if k not in ("prompt", "chosen", "rejected", "id")}
     return PreferencePair(prompt, chosen, rejected, _id(obj, path, line), extra)
+
+
+SEED_DIR = Path(__file__).parent / "seed"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """``seed:name`` -> the file shipped in ``srlm/data/seed``; any other path as given (``~`` expanded)."""
+    text = str(path)
+    if text.startswith("seed:"):
+        return SEED_DIR / text[len("seed:"):]
+    return Path(text).expanduser()
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from srlm.data.chat import encode_prompt
-from srlm.data.datamodule import resolve_path
+from srlm.data.records import resolve_path
 from srlm.data.records import iter_jsonl, write_json, write_jsonl
 from srlm.inference.loading import load_engine, release, resolve_model
 from srlm.models.backbone import DEFAULT_MODEL

@@ -25,8 +25,7 @@ import logging
 import random
 from typing import Iterable, Optional
 
-from srlm.data.datamodule import resolve_path
-from srlm.data.records import RecordError, iter_jsonl
+from srlm.data.records import RecordError, iter_jsonl, resolve_path
 from srlm.metrics.offline_punkt import ensure_punkt
 
 log = logging.getLogger(__name__)

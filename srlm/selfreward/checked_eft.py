@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from srlm.data.chat import encode_prompt
-from srlm.data.records import JsonlAppender, iter_jsonl, write_json, write_jsonl
+from srlm.data.records import JsonlAppender, iter_jsonl, resolve_path, write_json, write_jsonl
 from srlm.models.backbone import DEFAULT_MODEL
 from srlm.selfreward.build_eft import MAX_SCORE, SAMPLES_SUFFIX, STATS_SUFFIX, default_cap, histogram
 from srlm.selfreward.build_eft import balance as balance_scores
@@ -191,7 +191,6 @@ def build_checked_eft(prompts: str, output: str, model: str = DEFAULT_MODEL, ada
         batch_size: prompts per generation batch (each with ``samples`` rows).
         seed: sampling and balancing seed.
     """
-    from srlm.data.datamodule import resolve_path
     from srlm.metrics.ifeval import load_ifeval
     from srlm.inference.loading import load_engine, release, resolve_model
     from srlm.inference.engine import Sampling
