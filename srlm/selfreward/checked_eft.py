@@ -18,7 +18,7 @@ Score rule (the additive rubric's 0..5 range): every requirement met and the ans
 every requirement met but the answer cut at ``max_new_tokens``: 3; some met: 2; none met: 1. The
 prompt file's own reference answer (``response``, when present and compliant) is added as a 5, so
 every prompt contributes a compliant example next to the model's mostly non-compliant ones. The set
-is then balanced across scores (``build_eft.balance``).
+is then balanced across scores (``eft_records.balance``).
 
 The prompts must be the project's own constraint prompts, never IFEval's (which measure the result).
 Keep this file apart from the OpenAssistant-built EFT in config (``eft_files`` lists each) so each
@@ -38,8 +38,9 @@ from typing import Optional, Sequence
 from srlm.data.chat import encode_prompt
 from srlm.data.records import JsonlAppender, iter_jsonl, resolve_path, write_json, write_jsonl
 from srlm.models.backbone import DEFAULT_MODEL
-from srlm.selfreward.build_eft import MAX_SCORE, SAMPLES_SUFFIX, STATS_SUFFIX, default_cap, histogram
-from srlm.selfreward.build_eft import balance as balance_scores
+from srlm.selfreward.build_eft import SAMPLES_SUFFIX, STATS_SUFFIX
+from srlm.selfreward.eft_records import MAX_SCORE, default_cap, histogram
+from srlm.selfreward.eft_records import balance as balance_scores
 
 SOURCE = "checked"
 
