@@ -60,6 +60,10 @@ class TokenizedSFT(Dataset):
 
 
 class _BaseDataModule(L.LightningDataModule):
+    """What both DataModules share: the tokenizer, ``setup`` (records -> ``dataset_class``) and the loaders."""
+
+    dataset_class: type
+
     def __init__(self, batch_size: int, eval_batch_size: Optional[int], group_by_length: bool, num_workers: int, seed: int,
                  max_length: int, max_prompt_length: int):
         super().__init__()
@@ -77,6 +81,19 @@ class _BaseDataModule(L.LightningDataModule):
                 raise RuntimeError("set datamodule.tokenizer, or fit it with an srlm LightningModule")
             self.tokenizer = self.trainer.lightning_module.tokenizer
         return self.tokenizer
+
+    def _train_val(self) -> tuple[list, list]:
+        """The training and validation records (validated, untokenised)."""
+        raise NotImplementedError
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_dataset is not None:
+            return
+        tokenizer = self._tokenizer()
+        self.pad_id = tokenizer.pad_token_id
+        train, val = self._train_val()
+        self.train_dataset = self.dataset_class(train, tokenizer, self.max_length, self.max_prompt_length)
+        self.val_dataset = self.dataset_class(val, tokenizer, self.max_length, self.max_prompt_length) if val else None
 
     def _loader(self, dataset, train: bool) -> DataLoader:
         batch_size = self.batch_size if train else self.eval_batch_size
@@ -127,6 +144,8 @@ class SFTDataModule(_BaseDataModule):
         seed: seed for the split and the shuffling.
     """
 
+    dataset_class = TokenizedSFT
+
     def __init__(self, ift_files: list[str] = ["seed:ift.jsonl"], eft_files: list[str] = ["seed:eft_train.jsonl"],
                  extra_files: list[str] = [], judge_template: str = "judge_additive", max_length: int = 768,
                  max_prompt_length: int = 640, batch_size: int = 4, eval_batch_size: Optional[int] = None,
@@ -145,14 +164,8 @@ class SFTDataModule(_BaseDataModule):
             raise ValueError("SFTDataModule: no examples (ift_files, eft_files and extra_files are all empty)")
         return out
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        if self.train_dataset is not None:
-            return
-        tokenizer = self._tokenizer()
-        self.pad_id = tokenizer.pad_token_id
-        train, val = _split(self.examples(), self.val_fraction, self.seed)
-        self.train_dataset = TokenizedSFT(train, tokenizer, self.max_length, self.max_prompt_length)
-        self.val_dataset = TokenizedSFT(val, tokenizer, self.max_length, self.max_prompt_length) if val else None
+    def _train_val(self) -> tuple[list, list]:
+        return _split(self.examples(), self.val_fraction, self.seed)
 
     def collate(self, batch):
         prompts, responses = zip(*batch)
@@ -219,6 +232,8 @@ class PreferenceDataModule(_BaseDataModule):
         seed: seed for the split and the shuffling.
     """
 
+    dataset_class = TokenizedPairs
+
     def __init__(self, pair_files: list[str] = ["seed:prefs.jsonl"], val_files: list[str] = [], max_length: int = 512,
                  max_prompt_length: int = 256, batch_size: int = 2, eval_batch_size: Optional[int] = None,
                  val_fraction: float = 0.0, group_by_length: bool = True, num_workers: int = 0, seed: int = 0):
@@ -234,20 +249,13 @@ class PreferenceDataModule(_BaseDataModule):
             out += records.read_records(resolve_path(path), records.parse_preference)
         return out
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        if self.train_dataset is not None:
-            return
-        tokenizer = self._tokenizer()
-        self.pad_id = tokenizer.pad_token_id
+    def _train_val(self) -> tuple[list, list]:
         pairs = self.read(self.pair_files)
         if not pairs:
             raise ValueError(f"PreferenceDataModule: no pairs in {self.pair_files}")
         if self.val_files:
-            train, val = pairs, self.read(self.val_files)
-        else:
-            train, val = _split(pairs, self.val_fraction, self.seed)
-        self.train_dataset = TokenizedPairs(train, tokenizer, self.max_length, self.max_prompt_length)
-        self.val_dataset = TokenizedPairs(val, tokenizer, self.max_length, self.max_prompt_length) if val else None
+            return pairs, self.read(self.val_files)
+        return _split(pairs, self.val_fraction, self.seed)
 
     def collate(self, batch):
         return collate_pairs(batch, self.pad_id)

@@ -19,6 +19,7 @@ may start with ``seed:`` to name a file shipped in ``srlm/data/seed`` (``resolve
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -201,17 +202,16 @@ def _plain(record: Any) -> dict:
     return record
 
 
-def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
-    """Write a whole file atomically: a temp file in the same folder, fsync, then rename."""
+@contextlib.contextmanager
+def _atomic(path: str | os.PathLike):
+    """A text file opened for writing that replaces ``path`` only when the block ends cleanly (temp file in the
+    same folder, fsync, rename); on any error the temp file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    count = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(_plain(record), ensure_ascii=False) + "\n")
-                count += 1
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -219,25 +219,23 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
+    """Write a whole file atomically: a temp file in the same folder, fsync, then rename."""
+    count = 0
+    with _atomic(path) as f:
+        for record in records:
+            f.write(json.dumps(_plain(record), ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write one JSON document atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with _atomic(path) as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
 
 
 class JsonlAppender:

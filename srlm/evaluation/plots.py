@@ -17,6 +17,21 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _finish_axes(axes_titles, xs, labels, **tick_kwargs) -> None:
+    """Model names under the ticks, a title, a legend and a light grid on each of two line plots."""
+    for ax, title in axes_titles:
+        ax.set_xticks(xs, labels, **tick_kwargs)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+
+
 def plot_scores(path: Path, t: int, scores: Optional[tuple[list[float], int]], histogram: dict) -> bool:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -35,9 +50,7 @@ def plot_scores(path: Path, t: int, scores: Optional[tuple[list[float], int]], h
     ax.set_xlabel("judge score")
     ax.set_ylabel("candidates")
     ax.set_title(f"Iteration {t}: judge scores (n={n}, unscored={unscored})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -50,14 +63,8 @@ def plot_reward(path: Path, evals: list[tuple[str, dict]]) -> None:
         ys = [num(counts.get(key)) for _, counts in evals]
         ys = [float("nan") if y is None else (100 * y if percent else y) for y in ys]
         ax.plot(range(len(labels)), ys, marker="o", label=label)
-    for ax, title in ((left, "agreement with humans (%)"), (right, "rank correlation")):
-        ax.set_xticks(range(len(labels)), labels)
-        ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish_axes(((left, "agreement with humans (%)"), (right, "rank correlation")), range(len(labels)), labels)
+    _save(plt, fig, path)
 
 
 def plot_dpo(path: Path, t: int, rows: list[dict]) -> None:
@@ -74,9 +81,7 @@ def plot_dpo(path: Path, t: int, rows: list[dict]) -> None:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_curve(path: Path, rows: list[dict]) -> None:
@@ -90,15 +95,9 @@ def plot_curve(path: Path, rows: list[dict]) -> None:
     ys = [num(r["reward"].get("pairwise_accuracy")) for r in rows]
     right.plot(xs, [float("nan") if y is None else 100 * y for y in ys], marker="o", label="pairwise accuracy")
     right.axhline(50, color="grey", lw=0.8, ls="--", label="chance")
-    for ax, title in ((left, "IFEval accuracy (%), checked by code"),
-                      (right, "judge agreement with human rankings (%)")):
-        ax.set_xticks(list(xs), labels, fontsize=8)
-        ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _finish_axes(((left, "IFEval accuracy (%), checked by code"), (right, "judge agreement with human rankings (%)")),
+                 list(xs), labels, fontsize=8)
+    _save(plt, fig, path)
 
 
 def draw(fn, path: Path, notes: list[str], *args) -> bool:

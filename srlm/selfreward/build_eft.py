@@ -61,7 +61,7 @@ def build_eft_with(engine, tokenizer, ranked: Sequence[RankedPrompt], output: st
                    adapter: Optional[str] = None, ranked_file: Optional[str] = None,
                    show_progress: bool = True) -> dict:
     """``build_eft`` with an already loaded engine; returns the stats (also written to ``<output>.stats.json``)."""
-    from srlm.evaluation.reward import reward_metrics_from_scores
+    from srlm.metrics.reward import reward_metrics_from_scores
     from srlm.prompts import load_template
     from srlm.inference.engine import Sampling
     from srlm.inference.judge import GenerativeJudge
@@ -201,10 +201,10 @@ def build_eft(ranked: str, output: str, model: str = DEFAULT_MODEL, adapter: Opt
         seed: judge sampling seed and balancing seed.
     """
     from srlm.inference.loading import load_engine, release, resolve_model
-    from srlm.evaluation.reward import load_ranked
+    from srlm.data.oasst import read_ranked
     from srlm.inference.engine import Sampling
 
-    prompts = load_ranked(ranked, max_prompts)
+    prompts = read_ranked(ranked, max_prompts)
     base, adapter = resolve_model(model, adapter)
     engine, tokenizer = load_engine(base, adapter, batch_size=batch_size, seed=seed)
     try:
