@@ -21,7 +21,7 @@ from typing import Optional, Union
 from srlm.data.oasst import read_ranked as load_ranked
 from srlm.data.records import RankedPrompt, write_json, write_jsonl
 from srlm.inference.loading import load_engine, release, resolve_model
-from srlm.metrics.reward import reward_metrics_from_scores
+from srlm.metrics.reward_scores import reward_metrics_from_scores
 from srlm.models.backbone import DEFAULT_MODEL
 from srlm.prompts import PromptTemplate, load_template
 from srlm.inference.engine import Engine, Sampling

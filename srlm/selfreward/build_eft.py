@@ -61,7 +61,7 @@ def build_eft_with(engine, tokenizer, ranked: Sequence[RankedPrompt], output: st
                    adapter: Optional[str] = None, ranked_file: Optional[str] = None,
                    show_progress: bool = True) -> dict:
     """``build_eft`` with an already loaded engine; returns the stats (also written to ``<output>.stats.json``)."""
-    from srlm.metrics.reward import reward_metrics_from_scores
+    from srlm.metrics.reward_scores import reward_metrics_from_scores
     from srlm.prompts import load_template
     from srlm.inference.engine import Sampling
     from srlm.inference.judge import GenerativeJudge

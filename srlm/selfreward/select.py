@@ -133,7 +133,7 @@ def _ifeval_value(engine: Engine, tokenizer, config: SelectionConfig) -> float:
 
 def _judge_value(engine: Engine, tokenizer, config: SelectionConfig) -> float:
     from srlm.data.oasst import read_ranked
-    from srlm.metrics.reward import reward_metrics_from_scores
+    from srlm.metrics.reward_scores import reward_metrics_from_scores
     from srlm.prompts import load_template
     from srlm.inference.judge import make_judge
 
