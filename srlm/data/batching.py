@@ -1,8 +1,9 @@
-"""Length-grouped sampling and dynamic padding: batches of similar lengths waste little compute.
+"""Length-grouped sampling, its per-rank shards and dynamic padding: batches of similar lengths waste little compute.
 
-``LengthGroupedSampler`` yields indices, not batches, so that Lightning can still wrap it in a
-distributed sampler under DDP (each rank takes every world-size-th index of an already grouped
-order, which keeps its batches grouped too).
+``LengthGroupedSampler`` yields indices, not batches; under DDP ``GroupedShard`` gives each rank
+every world-size-th index of the grouped order (Lightning's own distributed sampler would shuffle
+it), which keeps each rank's batches grouped too. ``collate_sequences`` pads prompt+response rows
+with the loss on response tokens only; ``collate_pairs`` puts chosen and rejected in one batch.
 """
 
 from __future__ import annotations

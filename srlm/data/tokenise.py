@@ -75,6 +75,7 @@ def tokenise(rows: list[dict], tokenizer, function, what: str, **settings) -> "d
 
 
 def tokenise_sft(row: dict, tokenizer, max_length: int, max_prompt_length: int) -> dict:
+    """One SFT row's prompt and response token ids, cut to fit, with whether each was cut."""
     counts = Truncation()
     prompt, (response,) = fit_lengths(encode_prompt(tokenizer, row["prompt"]), [encode_response(tokenizer, row["response"])],
                                       max_length, max_prompt_length, counts)
@@ -83,10 +84,12 @@ def tokenise_sft(row: dict, tokenizer, max_length: int, max_prompt_length: int) 
 
 
 def cut_counts(data) -> Truncation:
+    """How many rows of a tokenised dataset had their prompt / response cut."""
     return Truncation(prompt=sum(data["cut_prompt"]), response=sum(data["cut_response"])) if len(data) else Truncation()
 
 
 def tokenise_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int) -> dict:
+    """One pair's prompt, chosen and rejected token ids, cut to fit, with whether each side was cut."""
     # Pairs from the loop carry the sampled token ids: train on exactly those tokens (their
     # harvested log-probs then are the reference); otherwise tokenise the text.
     if row["chosen_token_ids"] and row["rejected_token_ids"]:
