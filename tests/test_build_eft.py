@@ -11,8 +11,8 @@ import pytest
 
 from srlm.data.oasst import build_ranked, load_messages, split_ranked
 from srlm.data.records import parse_ranked, read_records
-from srlm.selfreward.build_eft import (balance, build_eft, default_cap, select_agreeing, trim_judgement,
-                                       usable_score)
+from srlm.selfreward.build_eft import build_eft
+from srlm.selfreward.eft_records import balance, default_cap, select_agreeing, trim_judgement, usable_score
 from srlm.inference.scoring import parse_score
 
 FIXTURE = Path(__file__).parent / "fixtures" / "oasst_tiny.jsonl"

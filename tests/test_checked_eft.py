@@ -7,7 +7,7 @@ import json
 import pytest
 
 from srlm.data.datamodule import load_sft_file
-from srlm.evaluation.ifeval import check_response, load_ifeval
+from srlm.metrics.ifeval import check_response, load_ifeval
 from srlm.inference.loading import load_engine, release
 from srlm.selfreward.checked_eft import (build_checked_eft, build_checked_eft_with, checked_judgement,
                                         checked_score, describe)

@@ -219,6 +219,7 @@ def test_smoke_loop_under_two_process_fsdp2_exports_what_ddp_trains(tiny_model, 
     assert fsdp["world_size"] == 2 and fsdp["phases"]["iter_1/train"]["done"]
     assert abs(first_dpo_loss(tmp_path / "fsdp") - math.log(2)) < 1e-4
     ddp = smoke(tiny_model, tmp_path / "ddp", 2)
+    assert ddp["world_size"] == 2
     # M1, exported from the gathered shards, is the model DDP trains on the same data
     a = load_file(tmp_path / "fsdp" / "m1" / "model" / "adapter_model.safetensors")
     b = load_file(tmp_path / "ddp" / "m1" / "model" / "adapter_model.safetensors")

@@ -17,6 +17,7 @@ from srlm.inference.engine import Sampling
 from srlm.trainer import SRLMTrainer
 
 
+@pytest.mark.slow  # a whole two-iteration loop, twice
 @pytest.mark.parametrize("precompute", [True, False])
 def test_two_iteration_loop_with_full_fine_tuning(tiny_model, tmp_path, precompute):
     L.seed_everything(0)

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from srlm.evaluation.ifeval import (RESPONSES_FILE, METRICS_FILE, check_response, ensure_punkt, ifeval,
-                                    ifeval_metrics, load_ifeval)
+from srlm.evaluation.ifeval import RESPONSES_FILE, METRICS_FILE, ifeval
+from srlm.metrics.ifeval import check_response, ifeval_metrics, load_ifeval
+from srlm.metrics.offline_punkt import ensure_punkt
 
 
 def item(*instructions, prompt="Write something.", key=1):
@@ -34,7 +35,7 @@ def test_punkt_model_written_to_a_fresh_cache(tmp_path, monkeypatch):
     import punkt
     from nltk.tokenize.punkt import PunktTokenizer
 
-    import srlm.evaluation.ifeval as module
+    import srlm.metrics.offline_punkt as module
 
     monkeypatch.setenv("SRLM_CACHE", str(tmp_path))
     monkeypatch.setattr(nltk.data, "path", [])  # no installed punkt_tab anywhere
@@ -50,7 +51,7 @@ def test_punkt_model_written_to_a_fresh_cache(tmp_path, monkeypatch):
 def test_no_punkt_model_is_a_warning_not_a_crash(tmp_path, monkeypatch, caplog):
     import nltk
 
-    import srlm.evaluation.ifeval as module
+    import srlm.metrics.offline_punkt as module
 
     def broken(language):
         raise ImportError("No module named 'punkt'")
@@ -119,14 +120,14 @@ def test_prompt_dependent_checker():
 def test_random_checker_arguments_are_seeded():
     import random
 
-    from srlm.evaluation.ifeval import _build_checker
+    from srlm.metrics.ifeval import build_checker
 
     # IFEval asks for 6 "!" but the checker only counts letters: it draws one, here always the same one
     kwargs = {"let_relation": "at least", "letter": "!", "let_frequency": 6}
     letters = set()
     for seed in range(5):
         random.seed(seed)
-        letters.add(_build_checker("keywords:letter_frequency", kwargs, "Pitch an ice cream!", 0)._letter)
+        letters.add(build_checker("keywords:letter_frequency", kwargs, "Pitch an ice cream!", 0)._letter)
         assert random.random() == random.Random(seed).random()  # the global random state is left alone
     assert len(letters) == 1
 

@@ -2,7 +2,7 @@
 
 ``ift_constraints.jsonl`` (training) and ``ift_constraints_heldout.jsonl`` (measuring only) hold
 ``{id, prompt, response, instruction_id_list, kwargs}`` records. Every response must pass Google's
-strict checker for every one of its instructions, run through ``srlm.evaluation.ifeval.check_response``
+strict checker for every one of its instructions, run through ``srlm.metrics.ifeval.check_response``
 (the same code path as the IFEval evaluation). The prompts are our own: none may be an IFEval prompt,
 and the held-out prompts are disjoint from the training ones.
 """
@@ -18,7 +18,7 @@ import pytest
 from conftest import SHARED_DATA
 from srlm.data import records
 from srlm.data.datamodule import load_sft_file
-from srlm.evaluation.ifeval import check_response
+from srlm.metrics.ifeval import check_response
 
 SEED = Path(records.__file__).resolve().parent / "seed"
 TRAIN = SEED / "ift_constraints.jsonl"

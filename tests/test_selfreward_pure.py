@@ -1,13 +1,10 @@
 """Model-free pieces of the self-rewarding loop: score parsing, prompt filtering, pair building."""
 
-import json
-import math
-
 import pytest
 
 from srlm.selfreward.pairs import build_pairs, positive_examples
 from srlm.selfreward.prompt_filter import PromptFilter, extract_new_prompt, normalise_prompt, similarity
-from srlm.inference.scoring import parse_score, summarise_scores
+from srlm.inference.scoring import parse_score, score_bin
 
 # -- scoring ----------------------------------------------------------------------------------------
 PARSE_TABLE = [
@@ -52,14 +49,8 @@ def test_parse_score_other_scale():
     assert parse_score("Score: 11", max_score=10) is None
 
 
-def test_summarise_scores():
-    s = summarise_scores([None, 0.0, 2.5, 2.49, 4.0, 5.0, 4.666, None])
-    assert s["n"] == 8 and s["n_unparsed"] == 2
-    # 2.5 rounds half up to 3, 2.49 to 2, 4.666 to 5
-    assert s["histogram"] == {"0": 1, "1": 0, "2": 1, "3": 1, "4": 1, "5": 2}
-    assert math.isclose(s["mean"], (0 + 2.5 + 2.49 + 4 + 5 + 4.666) / 6)
-    assert json.loads(json.dumps(s)) == s
-    assert summarise_scores([None])["mean"] is None
+def test_score_bin_rounds_half_up():
+    assert [score_bin(s) for s in (0.0, 2.5, 2.49, 4.0, 5.0, 4.666)] == [0, 3, 2, 4, 5, 5]
 
 
 # -- prompt extraction and filtering ---------------------------------------------------------------

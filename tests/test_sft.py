@@ -197,17 +197,17 @@ def test_main_fit_on_embedded_model(tmp_path):
 
 def test_grouped_order_is_sharded_across_ranks_without_losing_grouping():
     from srlm.data.batching import LengthGroupedSampler
-    from srlm.data.datamodule import _GroupedShard
+    from srlm.data.batching import GroupedShard
 
     lengths = [(i * 37) % 101 + 1 for i in range(40)]
     inner = LengthGroupedSampler(lengths, batch_size=4 * 2, seed=1)  # grouped by the global batch
-    shards = [list(_GroupedShard(inner, 2, rank)) for rank in (0, 1)]
+    shards = [list(GroupedShard(inner, 2, rank)) for rank in (0, 1)]
     assert sorted(shards[0] + shards[1]) == list(range(40)) and not set(shards[0]) & set(shards[1])
     for shard in shards:  # consecutive batches of 4 stay close in length
         spread = [max(lengths[i] for i in shard[k:k + 4]) - min(lengths[i] for i in shard[k:k + 4])
                   for k in range(0, len(shard), 4)]
         assert max(spread) <= 20, spread
-    sampler = _GroupedShard(inner, 2, 0)
+    sampler = GroupedShard(inner, 2, 0)
     sampler.set_epoch(3)
     assert inner.epoch == 3
 

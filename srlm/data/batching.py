@@ -1,8 +1,9 @@
-"""Length-grouped sampling and dynamic padding: batches of similar lengths waste little compute.
+"""Length-grouped sampling, its per-rank shards and dynamic padding: batches of similar lengths waste little compute.
 
-``LengthGroupedSampler`` yields indices, not batches, so that Lightning can still wrap it in a
-distributed sampler under DDP (each rank takes every world-size-th index of an already grouped
-order, which keeps its batches grouped too).
+``LengthGroupedSampler`` yields indices, not batches; under DDP ``GroupedShard`` gives each rank
+every world-size-th index of the grouped order (Lightning's own distributed sampler would shuffle
+it), which keeps each rank's batches grouped too. ``collate_sequences`` pads prompt+response rows
+with the loss on response tokens only; ``collate_pairs`` puts chosen and rejected in one batch.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import random
 from typing import Sequence
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 IGNORE = -100
 
@@ -68,3 +69,33 @@ def collate_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequ
         "lengths": lengths,
         "n_tokens": input_ids.numel(),
     }
+
+
+class GroupedShard(DistributedSampler):
+    """This rank's share of a LengthGroupedSampler's order, in order; the epoch reaches the inner sampler."""
+
+    def __init__(self, inner: LengthGroupedSampler, num_replicas: int, rank: int):
+        super().__init__(list(range(len(inner))), num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.inner = inner
+
+    def __iter__(self):
+        order = list(self.inner)
+        order += order[:self.total_size - len(order)]  # pad to equal shares, as DistributedSampler does
+        return iter(order[self.rank:self.total_size:self.num_replicas])
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.inner.set_epoch(epoch)
+
+
+def collate_pairs(batch, pad_id: int) -> dict:
+    """Chosen then rejected in one right-padded batch of 2B rows, so one forward serves both."""
+    items, indices = zip(*batch)
+    prompts = [x["prompt"] for x in items] * 2
+    responses = [x["chosen"] for x in items] + [x["rejected"] for x in items]
+    out = collate_sequences(prompts, responses, pad_id)
+    out["index"] = torch.tensor(indices, dtype=torch.long)
+    if all(x["ref"] is not None for x in items):
+        out["ref_chosen_logp"] = torch.tensor([x["ref"][0] for x in items], dtype=torch.float64)
+        out["ref_rejected_logp"] = torch.tensor([x["ref"][1] for x in items], dtype=torch.float64)
+    return out

@@ -7,30 +7,18 @@ being fitted, or from ``self.tokenizer`` when the DataModule is used on its own.
 
 from __future__ import annotations
 
-import logging
-import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from srlm.data import records
-from srlm.data.batching import LengthGroupedSampler, collate_sequences, pad
-from srlm.data.chat import encode_prompt, encode_response
+from srlm.data.batching import GroupedShard, LengthGroupedSampler, collate_pairs, collate_sequences
+from srlm.data.records import resolve_path
+from srlm.data.tokenise import cut_counts, tokenise, tokenise_pair, tokenise_sft
 from srlm.prompts import load_template
-
-log = logging.getLogger(__name__)
-SEED_DIR = Path(__file__).parent / "seed"
-
-
-def resolve_path(path: str | Path) -> Path:
-    text = str(path)
-    if text.startswith("seed:"):
-        return SEED_DIR / text[len("seed:"):]
-    return Path(text).expanduser()
 
 
 def load_sft_file(path: str | Path, judge_template: str = "judge_additive") -> list[records.SFTExample]:
@@ -49,79 +37,14 @@ def load_sft_file(path: str | Path, judge_template: str = "judge_additive") -> l
     return out
 
 
-@dataclass
-class Truncation:
-    """Counts of examples cut to fit ``max_length``, reported once per dataset."""
-
-    prompt: int = 0
-    response: int = 0
-
-    def report(self, what: str, total: int, max_length: int) -> None:
-        if self.prompt or self.response:
-            log.warning("%s: %d of %d examples exceeded max_length=%d: %d prompts cut from the left, %d responses cut "
-                        "from the right", what, max(self.prompt, self.response), total, max_length, self.prompt, self.response)
-
-
-def fit_lengths(prompt: list[int], responses: list[list[int]], max_length: int, max_prompt_length: int,
-                counts: Truncation) -> tuple[list[int], list[list[int]]]:
-    """Cut the prompt from the left first (down to ``max_prompt_length``), then responses from the right."""
-    longest = max(len(r) for r in responses)
-    if len(prompt) + longest > max_length:
-        keep = max(max_length - longest, min(max_prompt_length, len(prompt)))
-        if keep < len(prompt):
-            prompt = prompt[-keep:]
-            counts.prompt += 1
-        if len(prompt) + longest > max_length:
-            responses = [r[:max_length - len(prompt)] for r in responses]
-            counts.response += 1
-    return prompt, responses
-
-
-# Bump when tokenisation changes, so cached tokenised datasets are not reused.
-TOKENISATION_VERSION = 1
-
-
-def tokenise(rows: list[dict], tokenizer, function, what: str, **settings) -> "datasets.Dataset":
-    """``rows`` (validated records) as a Hugging Face ``datasets.Dataset``, tokenised with ``map``.
-
-    The tokenised dataset is cached by fingerprint (the rows, the tokenizer, ``settings``) as an Arrow
-    file under ``$SRLM_CACHE/datasets``: a rerun on the same data and model loads it instead of
-    tokenising again. ``function(row, tokenizer, **settings)`` returns one row's columns.
-    """
-    import datasets
-    from datasets.fingerprint import Hasher
-
-    datasets.disable_progress_bars()  # seed-sized data: a bar per phase is noise
-    data = datasets.Dataset.from_list(rows)
-    key = Hasher.hash([data._fingerprint, Hasher.hash(tokenizer), sorted(settings.items()), what,
-                       TOKENISATION_VERSION])
-    folder = Path(os.environ.get("SRLM_CACHE") or Path.home() / ".cache" / "srlm") / "datasets"
-    folder.mkdir(parents=True, exist_ok=True)
-    return data.map(lambda row: function(row, tokenizer, **settings), remove_columns=data.column_names,
-                    cache_file_name=str(folder / f"{what}-{key}.arrow"), new_fingerprint=key,
-                    load_from_cache_file=True)
-
-
-def _tokenise_sft(row: dict, tokenizer, max_length: int, max_prompt_length: int) -> dict:
-    counts = Truncation()
-    prompt, (response,) = fit_lengths(encode_prompt(tokenizer, row["prompt"]), [encode_response(tokenizer, row["response"])],
-                                      max_length, max_prompt_length, counts)
-    return {"prompt_ids": prompt, "response_ids": response, "cut_prompt": bool(counts.prompt),
-            "cut_response": bool(counts.response)}
-
-
-def _cut_counts(data) -> Truncation:
-    return Truncation(prompt=sum(data["cut_prompt"]), response=sum(data["cut_response"])) if len(data) else Truncation()
-
-
 class TokenizedSFT(Dataset):
     """SFT examples tokenised through ``datasets`` (``self.data``); rows are served as Python lists."""
 
     def __init__(self, examples: list[records.SFTExample], tokenizer, max_length: int, max_prompt_length: int):
         rows = [{"prompt": ex.prompt, "response": ex.response} for ex in examples]
-        self.data = tokenise(rows, tokenizer, _tokenise_sft, "sft", max_length=max_length,
+        self.data = tokenise(rows, tokenizer, tokenise_sft, "sft", max_length=max_length,
                              max_prompt_length=max_prompt_length)
-        self.counts = _cut_counts(self.data)
+        self.counts = cut_counts(self.data)
         self.items = list(zip(self.data["prompt_ids"], self.data["response_ids"])) if len(self.data) else []
         self.counts.report("SFT data", len(examples), max_length)
 
@@ -137,6 +60,10 @@ class TokenizedSFT(Dataset):
 
 
 class _BaseDataModule(L.LightningDataModule):
+    """What both DataModules share: the tokenizer, ``setup`` (records -> ``dataset_class``) and the loaders."""
+
+    dataset_class: type
+
     def __init__(self, batch_size: int, eval_batch_size: Optional[int], group_by_length: bool, num_workers: int, seed: int,
                  max_length: int, max_prompt_length: int):
         super().__init__()
@@ -155,6 +82,19 @@ class _BaseDataModule(L.LightningDataModule):
             self.tokenizer = self.trainer.lightning_module.tokenizer
         return self.tokenizer
 
+    def _train_val(self) -> tuple[list, list]:
+        """The training and validation records (validated, untokenised)."""
+        raise NotImplementedError
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.train_dataset is not None:
+            return
+        tokenizer = self._tokenizer()
+        self.pad_id = tokenizer.pad_token_id
+        train, val = self._train_val()
+        self.train_dataset = self.dataset_class(train, tokenizer, self.max_length, self.max_prompt_length)
+        self.val_dataset = self.dataset_class(val, tokenizer, self.max_length, self.max_prompt_length) if val else None
+
     def _loader(self, dataset, train: bool) -> DataLoader:
         batch_size = self.batch_size if train else self.eval_batch_size
         if self.group_by_length:
@@ -164,7 +104,7 @@ class _BaseDataModule(L.LightningDataModule):
             if world > 1:
                 # Lightning would wrap it in a *shuffling* distributed sampler, undoing the grouping:
                 # shard the grouped order ourselves (each rank takes every world-size-th index).
-                sampler = _GroupedShard(sampler, world, self.trainer.global_rank)
+                sampler = GroupedShard(sampler, world, self.trainer.global_rank)
         else:
             sampler = None
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=train and sampler is None,
@@ -175,23 +115,6 @@ class _BaseDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         return self._loader(self.val_dataset, False) if self.val_dataset is not None and len(self.val_dataset) else []
-
-
-class _GroupedShard(DistributedSampler):
-    """This rank's share of a LengthGroupedSampler's order, in order; the epoch reaches the inner sampler."""
-
-    def __init__(self, inner: LengthGroupedSampler, num_replicas: int, rank: int):
-        super().__init__(list(range(len(inner))), num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.inner = inner
-
-    def __iter__(self):
-        order = list(self.inner)
-        order += order[:self.total_size - len(order)]  # pad to equal shares, as DistributedSampler does
-        return iter(order[self.rank:self.total_size:self.num_replicas])
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.inner.set_epoch(epoch)
 
 
 def _split(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
@@ -221,6 +144,8 @@ class SFTDataModule(_BaseDataModule):
         seed: seed for the split and the shuffling.
     """
 
+    dataset_class = TokenizedSFT
+
     def __init__(self, ift_files: list[str] = ["seed:ift.jsonl"], eft_files: list[str] = ["seed:eft_train.jsonl"],
                  extra_files: list[str] = [], judge_template: str = "judge_additive", max_length: int = 768,
                  max_prompt_length: int = 640, batch_size: int = 4, eval_batch_size: Optional[int] = None,
@@ -239,35 +164,12 @@ class SFTDataModule(_BaseDataModule):
             raise ValueError("SFTDataModule: no examples (ift_files, eft_files and extra_files are all empty)")
         return out
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        if self.train_dataset is not None:
-            return
-        tokenizer = self._tokenizer()
-        self.pad_id = tokenizer.pad_token_id
-        train, val = _split(self.examples(), self.val_fraction, self.seed)
-        self.train_dataset = TokenizedSFT(train, tokenizer, self.max_length, self.max_prompt_length)
-        self.val_dataset = TokenizedSFT(val, tokenizer, self.max_length, self.max_prompt_length) if val else None
+    def _train_val(self) -> tuple[list, list]:
+        return _split(self.examples(), self.val_fraction, self.seed)
 
     def collate(self, batch):
         prompts, responses = zip(*batch)
         return collate_sequences(prompts, responses, self.pad_id)
-
-
-def _tokenise_pair(row: dict, tokenizer, max_length: int, max_prompt_length: int) -> dict:
-    # Pairs from the loop carry the sampled token ids: train on exactly those tokens (their
-    # harvested log-probs then are the reference); otherwise tokenise the text.
-    if row["chosen_token_ids"] and row["rejected_token_ids"]:
-        responses = [list(row["chosen_token_ids"]), list(row["rejected_token_ids"])]
-    else:
-        responses = [encode_response(tokenizer, row["chosen"]), encode_response(tokenizer, row["rejected"])]
-        # A response cut at max_new_tokens ("<side>_finished": false) did not end its turn: no EOS.
-        responses = [r[:-1] if row[f"{side}_finished"] is False else r
-                     for side, r in zip(("chosen", "rejected"), responses)]
-    counts = Truncation()
-    prompt, (chosen, rejected) = fit_lengths(encode_prompt(tokenizer, row["prompt"]), responses, max_length,
-                                             max_prompt_length, counts)
-    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "cut_prompt": bool(counts.prompt),
-            "cut_response": bool(counts.response)}
 
 
 class TokenizedPairs(Dataset):
@@ -281,9 +183,9 @@ class TokenizedPairs(Dataset):
                  "rejected_token_ids": p.extra.get("rejected_token_ids") or None,
                  "chosen_finished": p.extra.get("chosen_finished"), "rejected_finished": p.extra.get("rejected_finished")}
                 for p in pairs]
-        self.data = tokenise(rows, tokenizer, _tokenise_pair, "pairs", max_length=max_length,
+        self.data = tokenise(rows, tokenizer, tokenise_pair, "pairs", max_length=max_length,
                              max_prompt_length=max_prompt_length)
-        self.counts = _cut_counts(self.data)
+        self.counts = cut_counts(self.data)
         self.items = []
         for pair, row in zip(pairs, self.data):
             ref = None
@@ -313,21 +215,6 @@ class TokenizedPairs(Dataset):
         self.items[index]["ref"] = (chosen, rejected)
 
 
-def collate_pairs(batch, pad_id: int) -> dict:
-    """Chosen then rejected in one right-padded batch of 2B rows, so one forward serves both."""
-    import torch
-
-    items, indices = zip(*batch)
-    prompts = [x["prompt"] for x in items] * 2
-    responses = [x["chosen"] for x in items] + [x["rejected"] for x in items]
-    out = collate_sequences(prompts, responses, pad_id)
-    out["index"] = torch.tensor(indices, dtype=torch.long)
-    if all(x["ref"] is not None for x in items):
-        out["ref_chosen_logp"] = torch.tensor([x["ref"][0] for x in items], dtype=torch.float64)
-        out["ref_rejected_logp"] = torch.tensor([x["ref"][1] for x in items], dtype=torch.float64)
-    return out
-
-
 class PreferenceDataModule(_BaseDataModule):
     """Preference pairs ``{prompt, chosen, rejected, ...}`` for DPO.
 
@@ -345,6 +232,8 @@ class PreferenceDataModule(_BaseDataModule):
         seed: seed for the split and the shuffling.
     """
 
+    dataset_class = TokenizedPairs
+
     def __init__(self, pair_files: list[str] = ["seed:prefs.jsonl"], val_files: list[str] = [], max_length: int = 512,
                  max_prompt_length: int = 256, batch_size: int = 2, eval_batch_size: Optional[int] = None,
                  val_fraction: float = 0.0, group_by_length: bool = True, num_workers: int = 0, seed: int = 0):
@@ -360,23 +249,16 @@ class PreferenceDataModule(_BaseDataModule):
             out += records.read_records(resolve_path(path), records.parse_preference)
         return out
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        if self.train_dataset is not None:
-            return
-        tokenizer = self._tokenizer()
-        self.pad_id = tokenizer.pad_token_id
+    def _train_val(self) -> tuple[list, list]:
         pairs = self.read(self.pair_files)
         if not pairs:
             raise ValueError(f"PreferenceDataModule: no pairs in {self.pair_files}")
         if self.val_files:
-            train, val = pairs, self.read(self.val_files)
-        else:
-            train, val = _split(pairs, self.val_fraction, self.seed)
-        self.train_dataset = TokenizedPairs(train, tokenizer, self.max_length, self.max_prompt_length)
-        self.val_dataset = TokenizedPairs(val, tokenizer, self.max_length, self.max_prompt_length) if val else None
+            return pairs, self.read(self.val_files)
+        return _split(pairs, self.val_fraction, self.seed)
 
     def collate(self, batch):
         return collate_pairs(batch, self.pad_id)
 
 
-__all__ = ["SFTDataModule", "PreferenceDataModule", "load_sft_file", "resolve_path", "pad"]
+__all__ = ["SFTDataModule", "PreferenceDataModule", "load_sft_file", "resolve_path", "TokenizedSFT", "TokenizedPairs"]

@@ -19,9 +19,10 @@ import hashlib
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
-from srlm.data.records import RankedPrompt, RecordError, Reply, SFTExample, iter_jsonl, write_jsonl
+from srlm.data.records import (RankedPrompt, RecordError, Reply, SFTExample, iter_jsonl, parse_ranked, read_records,
+                                resolve_path, write_jsonl)
 
 ROLES = ("prompter", "assistant")
 
@@ -237,19 +238,18 @@ def _tree_side(tree_id: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def read_ranked(path: str) -> list[RankedPrompt]:
+def read_ranked(path: str, max_prompts: Optional[int] = None) -> list[RankedPrompt]:
     """RankedPrompt records from a ranked jsonl (``seed:`` paths allowed), or from an OpenAssistant export
-    converted on the fly."""
-    from srlm.data.datamodule import resolve_path  # lazy: datamodule imports lightning
-    from srlm.data.records import parse_ranked, read_records
-
+    converted on the fly; the first ``max_prompts`` of them when given."""
     resolved = resolve_path(path)
     first = next(iter_jsonl(resolved), None)
     if first is None:
         raise ValueError(f"{resolved}: no records")
     if "message_id" in first[1]:  # an oasst message-tree export, not ranked records
-        return build_ranked(load_messages(resolved))
-    return read_records(resolved, parse_ranked)
+        ranked = build_ranked(load_messages(resolved))
+    else:
+        ranked = read_records(resolved, parse_ranked)
+    return ranked[:max_prompts] if max_prompts is not None else ranked
 
 
 def split_ranked(

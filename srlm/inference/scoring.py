@@ -1,4 +1,4 @@
-"""Reading the judge's score out of its own output, and summarising many scores.
+"""Reading the judge's score out of its own output.
 
 The judge is asked to end with ``Score: <points>``. ``parse_score`` must only ever see the text
 the judge generated: the rubric it was shown also contains ``Score: <points>``, and parsing the
@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import Optional
 
 _NUM = r"\d+(?:\.\d+)?"
 # "score" used as a label: ':' or '=' always; "is" or a dash only when a number follows, so that
 # prose such as "the score is based on..." or "score-based" after the real score is not a label.
-_LABEL = re.compile(
+SCORE_LABEL = re.compile(
     r"\bscore\b[*_]*(?:\s*[:=]|\s*(?:\bis\b|[-\u2013\u2014])(?=[*_\s]*\d))[*_\s]*", re.IGNORECASE
 )
 _VALUE = re.compile(
@@ -43,7 +42,7 @@ _VALUE = re.compile(
 
 def parse_score(judge_output: str, *, max_score: int = 5) -> Optional[float]:
     """The score in the judge's own output, or None when absent, malformed or out of range."""
-    labels = list(_LABEL.finditer(judge_output or ""))
+    labels = list(SCORE_LABEL.finditer(judge_output or ""))
     if not labels:
         return None
     m = _VALUE.match(judge_output, labels[-1].end())
@@ -59,50 +58,10 @@ def parse_score(judge_output: str, *, max_score: int = 5) -> Optional[float]:
 
 def before_score(judge_output: str) -> str:
     """The judge's text before the first score label it wrote (all of it when it wrote none)."""
-    first = _LABEL.search(judge_output or "")
+    first = SCORE_LABEL.search(judge_output or "")
     return (judge_output or "")[:first.start()] if first else (judge_output or "")
 
 
 def score_bin(score: float) -> int:
     """Integer bin of a (possibly averaged) score, rounding half up: 3.5 -> 4, 3.49 -> 3."""
     return int(math.floor(score + 0.5))
-
-
-@dataclass
-class ScoreStats:
-    """Running counts of parsed scores: total, unparsed, integer histogram and sum for the mean."""
-
-    max_score: int = 5
-    n: int = 0
-    n_unparsed: int = 0
-    total: float = 0.0
-    bins: dict[int, int] = field(default_factory=dict)
-
-    def add(self, score: Optional[float]) -> None:
-        self.n += 1
-        if score is None or (isinstance(score, float) and math.isnan(score)):
-            self.n_unparsed += 1
-            return
-        self.total += score
-        b = min(max(score_bin(score), 0), self.max_score)
-        self.bins[b] = self.bins.get(b, 0) + 1
-
-    def update(self, scores: Iterable[Optional[float]]) -> "ScoreStats":
-        for s in scores:
-            self.add(s)
-        return self
-
-    def to_dict(self) -> dict:
-        parsed = self.n - self.n_unparsed
-        return {
-            "n": self.n,
-            "n_unparsed": self.n_unparsed,
-            # string keys so the dict survives a JSON round trip unchanged
-            "histogram": {str(b): self.bins.get(b, 0) for b in range(self.max_score + 1)},
-            "mean": self.total / parsed if parsed else None,
-        }
-
-
-def summarise_scores(scores: Iterable[Optional[float]], *, max_score: int = 5) -> dict:
-    """``{n, n_unparsed, histogram: {"0": .., ..., "5": ..}, mean}``; the mean is over parsed scores (None if none)."""
-    return ScoreStats(max_score).update(scores).to_dict()

@@ -17,6 +17,8 @@ Rules shared by all metrics:
   (``dist_reduce_fx="sum"``), so the metrics sync correctly across DDP ranks and
   ``merge_state`` works; nothing of variable length is stored. Arithmetic is in float64.
 - ``compute`` before any usable prompt returns NaN.
+
+``srlm.metrics.reward_scores`` computes them from a scores file's rows (``reward_scores.jsonl``).
 """
 
 from __future__ import annotations

@@ -14,14 +14,13 @@ trained (earlier rounds), so loading it rebuilds exactly that model.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -336,6 +335,3 @@ def load_for_inference(model_name_or_path: str = DEFAULT_MODEL, adapter_path: Op
     model.config.use_cache = True
     return model.eval()
 
-
-def as_dict(config: BackboneConfig) -> dict:
-    return dataclasses.asdict(config)

@@ -4,7 +4,7 @@
         --output runs/eft/eft_checked.jsonl --samples 4
 
 The model (``--model``: the SFT baseline, or any model ``evaluate`` accepts) answers each
-constraint-bearing training prompt ``samples`` times. IFEval's checkers (``srlm.evaluation.ifeval``)
+constraint-bearing training prompt ``samples`` times. IFEval's checkers (``srlm.metrics.ifeval``)
 decide which of the prompt's verifiable instructions each answer follows, and the judgement is
 written from that verdict, never by the model:
 
@@ -18,7 +18,7 @@ Score rule (the additive rubric's 0..5 range): every requirement met and the ans
 every requirement met but the answer cut at ``max_new_tokens``: 3; some met: 2; none met: 1. The
 prompt file's own reference answer (``response``, when present and compliant) is added as a 5, so
 every prompt contributes a compliant example next to the model's mostly non-compliant ones. The set
-is then balanced across scores (``build_eft.balance``).
+is then balanced across scores (``eft_records.balance``).
 
 The prompts must be the project's own constraint prompts, never IFEval's (which measure the result).
 Keep this file apart from the OpenAssistant-built EFT in config (``eft_files`` lists each) so each
@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from srlm.data.chat import encode_prompt
-from srlm.data.records import JsonlAppender, iter_jsonl, write_json, write_jsonl
+from srlm.data.records import JsonlAppender, iter_jsonl, resolve_path, write_json, write_jsonl
 from srlm.models.backbone import DEFAULT_MODEL
-from srlm.selfreward.build_eft import MAX_SCORE, SAMPLES_SUFFIX, STATS_SUFFIX, default_cap, histogram
-from srlm.selfreward.build_eft import balance as balance_scores
+from srlm.selfreward.build_eft import SAMPLES_SUFFIX, STATS_SUFFIX
+from srlm.selfreward.eft_records import MAX_SCORE, default_cap, histogram
+from srlm.selfreward.eft_records import balance as balance_scores
 
 SOURCE = "checked"
 
@@ -56,11 +57,11 @@ def checked_score(follows: Sequence[Optional[bool]], finished: bool) -> Optional
 
 def describe(item: dict) -> list[str]:
     """The checkers' own wording of each instruction of an IFEval-format item."""
-    from srlm.evaluation.ifeval import _build_checker
+    from srlm.metrics.ifeval import build_checker
 
     out = []
     for index, instruction_id in enumerate(item["instruction_id_list"]):
-        checker = _build_checker(instruction_id, item["kwargs"][index], item["prompt"], index)
+        checker = build_checker(instruction_id, item["kwargs"][index], item["prompt"], index)
         args = checker.get_instruction_args() or {}
         out.append(" ".join(checker.build_description(**args).split()))
     return out
@@ -84,7 +85,7 @@ def build_checked_eft_with(engine, tokenizer, items: Sequence[dict], output: str
                            max_per_score: Optional[int] = None, seed: int = 0, show_progress: bool = True,
                            **record) -> dict:
     """``build_checked_eft`` with a loaded engine; ``references`` maps an item key to its reference answer."""
-    from srlm.evaluation.ifeval import _setup_checkers, check_response
+    from srlm.metrics.ifeval import check_response, setup_checkers
     from srlm.inference.engine import Sampling
     from srlm.selfreward.steps import Progress
 
@@ -92,7 +93,7 @@ def build_checked_eft_with(engine, tokenizer, items: Sequence[dict], output: str
         raise ValueError(f"samples must be >= 1, got {samples}")
     if not items:
         raise ValueError("no constraint prompts to answer")
-    _setup_checkers()
+    setup_checkers()
     sampling = sampling or Sampling(0.7, 0.9, 192)
     output = Path(output)
     samples_path, stats_path = Path(f"{output}{SAMPLES_SUFFIX}"), Path(f"{output}{STATS_SUFFIX}")
@@ -191,8 +192,7 @@ def build_checked_eft(prompts: str, output: str, model: str = DEFAULT_MODEL, ada
         batch_size: prompts per generation batch (each with ``samples`` rows).
         seed: sampling and balancing seed.
     """
-    from srlm.data.datamodule import resolve_path
-    from srlm.evaluation.ifeval import load_ifeval
+    from srlm.metrics.ifeval import load_ifeval
     from srlm.inference.loading import load_engine, release, resolve_model
     from srlm.inference.engine import Sampling
 

@@ -1,8 +1,9 @@
 """Post-processing of self-instruction prompt generation: extract, filter, deduplicate.
 
-The model continues the few-shot template (``srlm/prompts/self_instruct.txt``) after
-``New task:``. ``extract_new_prompt`` keeps the task it wrote and drops what follows;
-``PromptFilter.check`` then decides whether to keep it and says why not:
+The model continues the few-shot template (``srlm/prompts/self_instruct.txt``), a numbered list of
+tasks, after the cue ``Task <k+1>:`` that follows the k examples shown (``steps.next_task_cue``).
+``extract_new_prompt`` keeps the task it wrote (without a label or numbering it may repeat) and
+drops what follows; ``PromptFilter.check`` then decides whether to keep it and says why not:
 
 - ``empty``: nothing left after extraction.
 - ``too_short`` / ``too_long``: fewer than ``min_chars`` / more than ``max_chars`` characters.

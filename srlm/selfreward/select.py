@@ -95,7 +95,7 @@ class SelectionConfig:
 # -- measuring -------------------------------------------------------------------------------------
 def load_constraint_prompts(path: str, max_prompts: Optional[int] = None) -> list[dict]:
     """IFEval-format prompts, validated by ``load_ifeval`` (which takes ``id`` for a missing ``key``)."""
-    from srlm.evaluation.ifeval import load_ifeval
+    from srlm.metrics.ifeval import load_ifeval
 
     return load_ifeval(path, max_prompts)
 
@@ -111,7 +111,7 @@ def _nan_if_none(value) -> float:
 
 
 def _ifeval_value(engine: Engine, tokenizer, config: SelectionConfig) -> float:
-    from srlm.evaluation.ifeval import check_response, ifeval_metrics
+    from srlm.metrics.ifeval import check_response, ifeval_metrics
 
     items = load_constraint_prompts(config.ifeval_file, config.max_prompts)
     prompts = [encode_prompt(tokenizer, item["prompt"]) for item in items]
@@ -132,11 +132,12 @@ def _ifeval_value(engine: Engine, tokenizer, config: SelectionConfig) -> float:
 
 
 def _judge_value(engine: Engine, tokenizer, config: SelectionConfig) -> float:
-    from srlm.evaluation.reward import load_ranked, reward_metrics_from_scores
+    from srlm.data.oasst import read_ranked
+    from srlm.metrics.reward_scores import reward_metrics_from_scores
     from srlm.prompts import load_template
     from srlm.inference.judge import make_judge
 
-    ranked = load_ranked(config.ranked_file, config.max_prompts)
+    ranked = read_ranked(config.ranked_file, config.max_prompts)
     judge = make_judge("logit", engine, tokenizer, load_template("judge_additive", "question", "response"))
     results = judge.score([(p.prompt, reply.text) for p in ranked for reply in p.replies])
     rows, k = [], 0
