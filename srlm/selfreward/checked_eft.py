@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 from srlm.data.chat import encode_prompt
 from srlm.data.records import JsonlAppender, iter_jsonl, write_json, write_jsonl
 from srlm.models.backbone import DEFAULT_MODEL
+from srlm.selfreward.config import CANDIDATE_SAMPLING
 from srlm.selfreward.build_eft import MAX_SCORE, SAMPLES_SUFFIX, STATS_SUFFIX, default_cap, histogram
 from srlm.selfreward.build_eft import balance as balance_scores
 
@@ -85,7 +86,6 @@ def build_checked_eft_with(engine, tokenizer, items: Sequence[dict], output: str
                            **record) -> dict:
     """``build_checked_eft`` with a loaded engine; ``references`` maps an item key to its reference answer."""
     from srlm.evaluation.ifeval import _setup_checkers, check_response
-    from srlm.inference.engine import Sampling
     from srlm.selfreward.steps import Progress
 
     if samples < 1:
@@ -93,7 +93,7 @@ def build_checked_eft_with(engine, tokenizer, items: Sequence[dict], output: str
     if not items:
         raise ValueError("no constraint prompts to answer")
     _setup_checkers()
-    sampling = sampling or Sampling(0.7, 0.9, 192)
+    sampling = sampling or CANDIDATE_SAMPLING
     output = Path(output)
     samples_path, stats_path = Path(f"{output}{SAMPLES_SUFFIX}"), Path(f"{output}{STATS_SUFFIX}")
     keys = [str(item["key"]) for item in items]
@@ -166,7 +166,8 @@ def build_checked_eft_with(engine, tokenizer, items: Sequence[dict], output: str
 
 
 def build_checked_eft(prompts: str, output: str, model: str = DEFAULT_MODEL, adapter: Optional[str] = None,
-                      samples: int = 4, temperature: float = 0.7, top_p: float = 0.9, max_new_tokens: int = 192,
+                      samples: int = 4, temperature: float = CANDIDATE_SAMPLING.temperature,
+                      top_p: float = CANDIDATE_SAMPLING.top_p, max_new_tokens: int = CANDIDATE_SAMPLING.max_new_tokens,
                       with_references: bool = True, balance: bool = True, max_per_score: Optional[int] = None,
                       max_prompts: Optional[int] = None, batch_size: int = 16, seed: int = 0) -> dict:
     """Build EFT judge-training data whose scores come from IFEval's checkers on the model's own answers.
