@@ -27,21 +27,43 @@ def _plain(value):
 
 
 class AdapterModule(L.LightningModule):
-    """A backbone with a trainable adapter. Checkpoints hold the trainable weights only."""
+    """A backbone with a trainable adapter. Checkpoints hold the trainable weights only.
+
+    The tokenizer and the weights load on first use (``self.tokenizer``, ``self.model``), at the latest in
+    ``setup``: a module that only carries settings (the loop's M1 module, when M1 is already trained)
+    never loads them.
+    """
 
     def __init__(self, backbone: BackboneConfig, optimizer: optim.OptimConfig, export_dir: Optional[str],
                  sparse_lm_head: bool):
         super().__init__()
         self.backbone_config, self.optim_config = backbone, optimizer
         self.export_dir, self.sparse_lm_head = export_dir, sparse_lm_head
-        self.tokenizer = load_tokenizer(backbone.model_name_or_path, backbone.trust_remote_code)
-        self.model, self.merged_adapters = load_trainable(backbone)
-        # from_pretrained returns eval mode, and Lightning 2.x keeps submodules' modes: without this,
-        # LoRA dropout would silently stay off during training.
-        self.model.train()
         # Frozen base weights come from the model files, not the checkpoint.
         self.strict_loading = False
         self.exported_to: Optional[Path] = None
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # torch keeps submodules (``model``) out of __dict__
+        except AttributeError:
+            if name == "tokenizer":
+                self.tokenizer = load_tokenizer(self.backbone_config.model_name_or_path,
+                                                self.backbone_config.trust_remote_code)
+                return self.tokenizer
+            if name in ("model", "merged_adapters"):
+                self._load_weights()
+                return super().__getattr__(name)
+            raise
+
+    def _load_weights(self) -> None:
+        self.model, self.merged_adapters = load_trainable(self.backbone_config)
+        # from_pretrained returns eval mode, and Lightning 2.x keeps submodules' modes: without this,
+        # LoRA dropout would silently stay off during training.
+        self.model.train()
+
+    def setup(self, stage: str) -> None:
+        self.model  # noqa: B018  (loaded here at the latest: before configure_model and a checkpoint's restore)
 
     def configure_model(self) -> None:
         # Under ModelParallelStrategy (FSDP2, configs/strategies/fsdp.yaml) Lightning hands the module a
