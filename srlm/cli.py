@@ -87,9 +87,9 @@ def command_table() -> str:
     return "Commands (each takes --help):\n" + "\n".join(f"  {name:<{width}}  {text}" for name, text in rows)
 
 
-def main(argv=None) -> None:
+def main(args=None) -> None:
     quiet()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if args is None else args)
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: main.py COMMAND [--help] [options]\n\n{__doc__}\n{command_table()}")
         sys.exit(0 if argv else 2)
@@ -99,4 +99,4 @@ def main(argv=None) -> None:
         # Every argument by name (--input FILE ...), as in the README, whether it has a default or not.
         auto_cli(command(argv[0]), args=argv[1:], as_positional=False)
         return
-    lightning_main(argv)
+    lightning_main(args)  # None from the command line: LightningCLI reads sys.argv itself

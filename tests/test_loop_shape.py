@@ -126,3 +126,17 @@ def test_the_end_of_phase_callback_marks_done_before_creating(tmp_path):
     SelfRewardCallback(run, "m1", lambda tr: {"train_examples": 5}, Creator()).on_fit_end(trainer, module)
     assert seen == {"done": True, "model": tmp_path / "m1"}
     assert run.info("m1")["counts"] == {"train_examples": 5, "steps": 3}
+
+
+def test_the_round_config_parses_its_inherited_nested_settings():
+    """jsonargparse resolves the annotations a DPORoundConfig inherits (the optimizer is an OptimConfig, merged
+    with its defaults, not a bare dict)."""
+    from jsonargparse import ArgumentParser
+
+    from srlm.models.optim import OptimConfig
+
+    parser = ArgumentParser()
+    parser.add_argument("--dpo", type=DPORoundConfig, default=DPORoundConfig())
+    config = parser.instantiate_classes(parser.parse_string("dpo:\n  optimizer: {lr: 1.0e-3}\n  max_length: 64\n"))
+    assert config.dpo.optimizer == OptimConfig(lr=1e-3, warmup_ratio=0.1, schedule="linear", min_lr_ratio=0.1)
+    assert config.dpo.max_length == 64 and config.dpo.beta == DPOConfig.beta

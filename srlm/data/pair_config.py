@@ -4,8 +4,7 @@ The loop's DPO rounds (``DPORoundConfig``) extend it, and build each round's Dat
 ``PairDataConfig.datamodule``, so a round's data settings are named once.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: DPORoundConfig inherits these fields (see srlm/models/dpo.py).
 from dataclasses import dataclass, fields
 
 from srlm.data.datamodule import PreferenceDataModule

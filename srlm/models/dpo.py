@@ -20,8 +20,8 @@ The values travel in the checkpoints: a round resumed mid-way, whose policy is n
 the reference of its start (full fine-tuning could not compute it again).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: DPORoundConfig (srlm/selfreward/config.py) inherits
+# DPOConfig's fields, and jsonargparse would resolve their string annotations in that module.
 import copy
 import logging
 from contextlib import contextmanager

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from srlm.data.chat import encode_prompt
-from srlm.data.records import JsonlAppender, iter_jsonl, write_json, write_jsonl
+from srlm.data.records import iter_jsonl, write_json, write_jsonl
 from srlm.models.backbone import DEFAULT_MODEL
 from srlm.selfreward.config import CANDIDATE_SAMPLING
 from srlm.selfreward.build_eft import MAX_SCORE, SAMPLES_SUFFIX, STATS_SUFFIX, default_cap, histogram
@@ -86,7 +86,7 @@ def build_checked_eft_with(engine, tokenizer, items: Sequence[dict], output: str
                            **record) -> dict:
     """``build_checked_eft`` with a loaded engine; ``references`` maps an item key to its reference answer."""
     from srlm.evaluation.ifeval import _setup_checkers, check_response
-    from srlm.selfreward.steps import Progress
+    from srlm.selfreward.steps import ShardedWriter
 
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -105,8 +105,7 @@ def build_checked_eft_with(engine, tokenizer, items: Sequence[dict], output: str
                     raise ValueError(f"{samples_path}:{line}: answered {len(row.get('answers', []))} times, not "
                                      f"{samples}: use another --output or delete the file")
                 rows[row["key"]] = row
-    bar = Progress("answering constraint prompts", len(items), len(rows), show_progress)
-    with JsonlAppender(samples_path) as out:
+    with ShardedWriter(samples_path, "answering constraint prompts", len(items), show_progress, key="key") as out:
         def on_batch(indices, groups):
             new = []
             for i, group in zip(indices, groups):
@@ -120,13 +119,11 @@ def build_checked_eft_with(engine, tokenizer, items: Sequence[dict], output: str
                                     "follows": verdict["follow_instruction_list"]})
                 rows[keys[i]] = row = {"key": keys[i], "answers": answers}
                 new.append(row)
-            out.write_many(new)
-            bar.update(len(new))
+            out.write(new)
 
         if len(rows) < len(items):
             engine.generate([encode_prompt(tokenizer, item["prompt"]) for item in items], samples, sampling,
                             on_batch=on_batch, skip=lambda chunk: all(keys[i] in rows for i in chunk), seed=seed)
-    bar.close()
 
     kept, unchecked, seen, duplicates, refs = [], 0, set(), 0, 0
     for item, key in zip(items, keys):

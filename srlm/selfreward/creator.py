@@ -10,7 +10,7 @@ killed during the creation that follows continues with this model) and then call
 the freshly exported model. The loop calls ``ensure`` again at the start of each iteration, which
 is how a resumed run (or a given M1) reaches the same code.
 
-Under several processes every rank runs ``run`` (each generates and judges its share of the fixed
+Under several processes every rank runs ``ensure`` (each generates and judges its share of the fixed
 batches, see steps.py) while rank 0 alone writes files and logs; give it a
 ``distributed.SharedRunDir`` so that every rank sees the phases rank 0 marks done. Generation
 runs on its own non-sharded copy of M_t loaded from the exported folder, never on the training
@@ -143,8 +143,9 @@ class InstructionCreator:
                 current = (engine, tok)
             stats = steps.generate_prompts(engine, tok, seed_prompts, load_template(c.prompt_template, "examples"),
                                            files["prompts"], target=c.num_prompts, max_requests=c.max_requests,
-                                           few_shot=c.few_shot, sampling=c.prompt_sampling, seed=derive_seed(c.seed, "prompts", self.t),
-                                           id_prefix=f"t{self.t}-p", requests_per_batch=c.batch_size,
+                                           few_shot=c.few_shot, sampling=c.prompt_sampling,
+                                           seed=derive_seed(c.seed, "prompts", self.t), id_prefix=f"t{self.t}-p",
+                                           requests_per_batch=c.batch_size,
                                            show_progress=self.show_progress)
             self._log("prompts", stats)
             self.run_dir.mark_done(self.phase("prompts"), stats, [files["prompts"]])

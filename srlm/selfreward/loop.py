@@ -53,79 +53,6 @@ class LoopTrainer(Protocol):
     def fresh(self, **overrides: Any) -> L.Trainer: ...
 
 
-def config_text(trainer, fallback: dict) -> str:
-    """The CLI's full configuration (for config.yaml and the rerun check), or the loop's own arguments."""
-    for cb in trainer.callbacks:
-        if isinstance(cb, SaveConfigCallback):
-            text = cb.parser.dump(cb.config, skip_none=False)
-            # Options that steer this invocation, not the run's content, stay out of the comparison.
-            lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith(("force:", "config:"))]
-            return "\n".join(lines) + "\n"
-    return json.dumps(fallback, indent=2, default=str, sort_keys=True) + "\n"
-
-
-def phase_trainer(trainer: LoopTrainer, root: Path, checkpoint_every: int, extra_callbacks: list, **overrides):
-    """A fresh Trainer for one phase: its own folder, its own checkpoints, the user's other callbacks."""
-    inherited = [cb for cb in trainer.init_kwargs.get("callbacks") or []
-                 if not isinstance(cb, (ModelCheckpoint, SaveConfigCallback))]
-    checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=0,
-                                  every_n_train_steps=checkpoint_every)
-    return trainer.fresh(default_root_dir=str(root), callbacks=inherited + [checkpoints] + extra_callbacks,
-                         enable_checkpointing=True, **overrides)
-
-
-@dist.on_rank0
-def evaluate_phase(run: RunDir, name: str, model, ev: EvalConfig, batch_size: int,
-                   opponents: Sequence[tuple[str, Path]] = ()) -> None:
-    """Measure one model of the run: reward metrics on held-out ranked replies (phase ``eval/<name>``),
-    IFEval (``ifeval/<name>``), and head-to-head against each of ``opponents`` (``h2h/<name>``, then
-    ``h2h/<name>/vs_<label>``). ``model`` is an exported model folder or, for the base model, its name.
-    Each part is skipped when its phase is done; the numbers also go to ``<name>/metrics.json``."""
-    from srlm.evaluation.head_to_head import compare
-    from srlm.inference.loading import load_engine, release
-
-    wanted = [f"eval/{name}"] + ([f"ifeval/{name}"] if ev.ifeval_file else [])
-    if not all(run.done(p) for p in wanted):
-        engine, tok = load_engine(str(model), batch_size=batch_size)
-        try:
-            if not run.done(f"eval/{name}"):
-                from srlm.evaluation.reward import evaluate_reward_with, load_ranked
-
-                metrics = evaluate_reward_with(engine, tok, load_ranked(ev.eval_file, ev.max_prompts),
-                                               run.root / name / "eval", judge_mode=ev.judge_mode,
-                                               samples=ev.judge_samples, model=str(model))
-                run.mark_done(f"eval/{name}", metrics)
-            if ev.ifeval_file and not run.done(f"ifeval/{name}"):
-                from srlm.evaluation.ifeval import evaluate_ifeval_with, load_ifeval
-
-                metrics = evaluate_ifeval_with(engine, tok, load_ifeval(ev.ifeval_file, ev.ifeval_max_prompts),
-                                               run.root / name / "ifeval", max_new_tokens=ev.ifeval_max_new_tokens,
-                                               model=str(model))
-                run.mark_done(f"ifeval/{name}", metrics)
-        finally:
-            release(engine)
-    for k, (label, other) in enumerate(opponents if ev.h2h_prompts > 0 else ()):
-        phase = f"h2h/{name}" if k == 0 else f"h2h/{name}/vs_{label}"
-        if run.done(phase):
-            continue
-        folder = run.root / name / ("h2h" if k == 0 else f"h2h_vs_{label}")
-        summary = compare(str(model), model_b=str(other), prompts_file=ev.h2h_prompts_file, output_dir=str(folder),
-                          judge_model=ev.h2h_judge_model or str(run.manifest.get("base_model")),
-                          judge_mode=ev.h2h_judge_mode, max_prompts=ev.h2h_prompts,
-                          max_new_tokens=ev.max_new_tokens, batch_size=batch_size)
-        run.mark_done(phase, {**summary, "against": label})
-    _write_model_metrics(run, name)
-
-
-def _write_model_metrics(run: RunDir, name: str) -> None:
-    """``<name>/metrics.json`` gets this model's evaluation (merged into what creation wrote there)."""
-    path = run.root / name / "metrics.json"
-    current = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    current["evaluation"] = {kind: run.info(f"{kind}/{name}").get("counts", {})
-                             for kind in ("eval", "ifeval") if run.done(f"{kind}/{name}")}
-    write_json(path, current)
-
-
 def run_loop(trainer: LoopTrainer, *, model: SFTModule, datamodule: SFTDataModule, run_dir: str, iterations: int,
              m1_adapter: Optional[str], self_reward: SelfRewardConfig, dpo: DPORoundConfig, evaluation: EvalConfig,
              checkpoint_every: int, force: bool, sft_baseline: bool = False,
@@ -283,3 +210,76 @@ def same_data(datamodule: SFTDataModule, **changes) -> SFTDataModule:
     accepted = inspect.signature(SFTDataModule.__init__).parameters
     settings = {k: v for k, v in dict(datamodule.hparams).items() if k in accepted and k != "self"}
     return SFTDataModule(**{**settings, **changes})
+
+
+def config_text(trainer, fallback: dict) -> str:
+    """The CLI's full configuration (for config.yaml and the rerun check), or the loop's own arguments."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, SaveConfigCallback):
+            text = cb.parser.dump(cb.config, skip_none=False)
+            # Options that steer this invocation, not the run's content, stay out of the comparison.
+            lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith(("force:", "config:"))]
+            return "\n".join(lines) + "\n"
+    return json.dumps(fallback, indent=2, default=str, sort_keys=True) + "\n"
+
+
+def phase_trainer(trainer: LoopTrainer, root: Path, checkpoint_every: int, extra_callbacks: list, **overrides):
+    """A fresh Trainer for one phase: its own folder, its own checkpoints, the user's other callbacks."""
+    inherited = [cb for cb in trainer.init_kwargs.get("callbacks") or []
+                 if not isinstance(cb, (ModelCheckpoint, SaveConfigCallback))]
+    checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=0,
+                                  every_n_train_steps=checkpoint_every)
+    return trainer.fresh(default_root_dir=str(root), callbacks=inherited + [checkpoints] + extra_callbacks,
+                         enable_checkpointing=True, **overrides)
+
+
+@dist.on_rank0
+def evaluate_phase(run: RunDir, name: str, model, ev: EvalConfig, batch_size: int,
+                   opponents: Sequence[tuple[str, Path]] = ()) -> None:
+    """Measure one model of the run: reward metrics on held-out ranked replies (phase ``eval/<name>``),
+    IFEval (``ifeval/<name>``), and head-to-head against each of ``opponents`` (``h2h/<name>``, then
+    ``h2h/<name>/vs_<label>``). ``model`` is an exported model folder or, for the base model, its name.
+    Each part is skipped when its phase is done; the numbers also go to ``<name>/metrics.json``."""
+    from srlm.evaluation.head_to_head import compare
+    from srlm.inference.loading import load_engine, release
+
+    wanted = [f"eval/{name}"] + ([f"ifeval/{name}"] if ev.ifeval_file else [])
+    if not all(run.done(p) for p in wanted):
+        engine, tok = load_engine(str(model), batch_size=batch_size)
+        try:
+            if not run.done(f"eval/{name}"):
+                from srlm.evaluation.reward import evaluate_reward_with, load_ranked
+
+                metrics = evaluate_reward_with(engine, tok, load_ranked(ev.eval_file, ev.max_prompts),
+                                               run.root / name / "eval", judge_mode=ev.judge_mode,
+                                               samples=ev.judge_samples, model=str(model))
+                run.mark_done(f"eval/{name}", metrics)
+            if ev.ifeval_file and not run.done(f"ifeval/{name}"):
+                from srlm.evaluation.ifeval import evaluate_ifeval_with, load_ifeval
+
+                metrics = evaluate_ifeval_with(engine, tok, load_ifeval(ev.ifeval_file, ev.ifeval_max_prompts),
+                                               run.root / name / "ifeval", max_new_tokens=ev.ifeval_max_new_tokens,
+                                               model=str(model))
+                run.mark_done(f"ifeval/{name}", metrics)
+        finally:
+            release(engine)
+    for k, (label, other) in enumerate(opponents if ev.h2h_prompts > 0 else ()):
+        phase = f"h2h/{name}" if k == 0 else f"h2h/{name}/vs_{label}"
+        if run.done(phase):
+            continue
+        folder = run.root / name / ("h2h" if k == 0 else f"h2h_vs_{label}")
+        summary = compare(str(model), model_b=str(other), prompts_file=ev.h2h_prompts_file, output_dir=str(folder),
+                          judge_model=ev.h2h_judge_model or str(run.manifest.get("base_model")),
+                          judge_mode=ev.h2h_judge_mode, max_prompts=ev.h2h_prompts,
+                          max_new_tokens=ev.max_new_tokens, batch_size=batch_size)
+        run.mark_done(phase, {**summary, "against": label})
+    _write_model_metrics(run, name)
+
+
+def _write_model_metrics(run: RunDir, name: str) -> None:
+    """``<name>/metrics.json`` gets this model's evaluation (merged into what creation wrote there)."""
+    path = run.root / name / "metrics.json"
+    current = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    current["evaluation"] = {kind: run.info(f"{kind}/{name}").get("counts", {})
+                             for kind in ("eval", "ifeval") if run.done(f"{kind}/{name}")}
+    write_json(path, current)

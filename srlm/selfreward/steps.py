@@ -3,6 +3,8 @@
 Every record carries an id and is appended (and flushed) as soon as its batch is done; a rerun
 reads what is there, skips those ids and continues, so after any kill every record ends up in
 the file exactly once. A torn last line from a kill is dropped on reopening (JsonlAppender).
+``ShardedWriter`` is that writing, shared by every step. Every seed is ``srlm.seeds.derive_seed``
+of the step's seed and the fixed batch's number.
 
 1. ``generate_prompts``: few-shot requests (8 seed prompts each by default); only the model's
    new text is harvested, filtered and deduplicated (PromptFilter). Request i always shows the
@@ -68,7 +70,7 @@ class Progress:
 
 
 class ShardedWriter:
-    """The resumable, sharded writing every step shares: what ``out_path`` holds already (``seen``, by id),
+    """The resumable, sharded writing every step shares: what ``out_path`` holds already (``seen``, by ``key``),
     the rows of each round of fixed batches gathered from every rank (``step``, then ``finish_round`` after
     this rank's last batch) and appended by rank 0, a progress bar, and a barrier on leaving, after which
     ``records()`` is the whole file on every rank.
@@ -79,10 +81,10 @@ class ShardedWriter:
     """
 
     def __init__(self, out_path: Path, desc: str, total: int, show_progress: bool = True,
-                 on_rows: Optional[Callable[[list[dict]], None]] = None):
-        self.path = Path(out_path)
+                 on_rows: Optional[Callable[[list[dict]], None]] = None, key: str = "id"):
+        self.path, self.key = Path(out_path), key
         self.have = existing(self.path)
-        self.seen = {r["id"] for r in self.have}
+        self.seen = {r[key] for r in self.have}
         self.bar = Progress(desc, total, len(self.have), show_progress)
         self.on_rows = on_rows
 
@@ -94,7 +96,7 @@ class ShardedWriter:
     def write(self, rows: list[dict]) -> None:
         """Every rank, with rows every rank knows (gathered, or the same everywhere); rank 0 writes them."""
         self.out.write_many(rows)
-        self.seen.update(r["id"] for r in rows)
+        self.seen.update(r[self.key] for r in rows)
         self.bar.update(len(rows))
         if self.on_rows is not None:
             self.on_rows(rows)
