@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from srlm.models.base import deferred_loading
 from srlm.quiet import quiet
 from srlm.trainer import SRLMTrainer
 
@@ -51,6 +52,12 @@ class SRLMCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict:
         return {**LightningCLI.subcommands(), "loop": {"model", "datamodule"}}
+
+    def instantiate_classes(self) -> None:
+        if self.subcommand != "loop":
+            return super().instantiate_classes()
+        with deferred_loading():  # the loop trains its M1 module only when M1 is not done yet
+            return super().instantiate_classes()
 
 
 def lightning_main(args=None) -> None:

@@ -88,11 +88,16 @@ def test_dpo_settings_are_one_config_the_module_and_the_round_share():
     assert (dm.pair_files, dm.batch_size, dm.max_length, dm.max_prompt_length) == (["a.jsonl"], 3, 64, 32)
 
 
-def test_a_module_loads_its_weights_only_when_used(tmp_path):
+def test_a_module_made_for_the_loop_loads_its_weights_only_when_used(tmp_path):
     from srlm.models.backbone import BackboneConfig
+    from srlm.models.base import deferred_loading
     from srlm.models.sft import SFTModule
 
-    module = SFTModule(BackboneConfig(model_name_or_path=str(tmp_path / "absent")))  # settings only
+    backbone = BackboneConfig(model_name_or_path=str(tmp_path / "absent"))
+    with pytest.raises(Exception):
+        SFTModule(backbone)  # elsewhere a module loads at construction
+    with deferred_loading():  # as the loop command makes its M1 module
+        module = SFTModule(backbone)  # settings only
     assert module.backbone_config.model_name_or_path.endswith("absent") and "model" not in module._modules
     with pytest.raises(Exception):
         module.model  # noqa: B018  (the first use loads, and there is nothing to load)

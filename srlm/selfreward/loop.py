@@ -69,8 +69,9 @@ def run_loop(trainer: LoopTrainer, *, model: SFTModule, datamodule: SFTDataModul
                                     "self_reward": dataclasses.asdict(self_reward), "dpo": dataclasses.asdict(dpo)}),
               trainer.world_size, force)
     run.manifest["base_model"] = model.backbone_config.model_name_or_path
-    phases = Phases(trainer, run, model, datamodule, iterations, self_reward, dpo, evaluation, checkpoint_every,
-                    selection, m1_adapter)
+    phases = Phases(trainer=trainer, run=run, model=model, datamodule=datamodule, iterations=iterations,
+                    m1_adapter=m1_adapter, self_reward=self_reward, dpo=dpo, ev=evaluation,
+                    checkpoint_every=checkpoint_every, selection=selection)
 
     phases.evaluate("base", model.backbone_config.model_name_or_path, base=True)  # the curve's starting point M0
     if sft_baseline:  # the paper's comparison point: the base model fine-tuned on the IFT data alone
@@ -92,19 +93,29 @@ def run_loop(trainer: LoopTrainer, *, model: SFTModule, datamodule: SFTDataModul
     return run.manifest
 
 
+@dataclasses.dataclass
 class Phases:
-    """The loop's phases over one run folder; each is skipped when the manifest marks it done. Every training
-    phase ends with ``SelfRewardCallback``, which marks it done and creates the next iteration's data."""
+    """The loop's phases over one run folder (``run_loop``'s arguments); each is skipped when the manifest marks
+    it done. Every training phase ends with ``SelfRewardCallback``, which marks it done and creates the next
+    iteration's data."""
 
-    def __init__(self, trainer: LoopTrainer, run: RunDir, model: SFTModule, datamodule: SFTDataModule,
-                 iterations: int, self_reward: SelfRewardConfig, dpo: DPORoundConfig, evaluation: EvalConfig,
-                 checkpoint_every: int, selection: Optional[SelectionConfig], m1_adapter: Optional[str] = None):
-        self.trainer, self.run, self.model, self.datamodule = trainer, run, model, datamodule
-        self.iterations, self.self_reward, self.dpo, self.ev = iterations, self_reward, dpo, evaluation
-        self.checkpoint_every, self.selection = checkpoint_every, selection
-        self.m1_given = m1_adapter is not None
-        self.m1_dir = Path(m1_adapter) if m1_adapter else run.root / "m1" / "model"
-        self.sft_dir: Optional[Path] = None
+    trainer: LoopTrainer
+    run: RunDir
+    model: SFTModule
+    datamodule: SFTDataModule
+    iterations: int
+    m1_adapter: Optional[str]
+    self_reward: SelfRewardConfig
+    dpo: DPORoundConfig
+    ev: EvalConfig
+    checkpoint_every: int
+    selection: Optional[SelectionConfig]
+    sft_dir: Optional[Path] = None
+    """The IFT-only SFT baseline, once trained (sft_baseline)."""
+
+    @property
+    def m1_dir(self) -> Path:
+        return Path(self.m1_adapter) if self.m1_adapter else self.run.root / "m1" / "model"
 
     @property
     def against_sft(self) -> list[tuple[str, Path]]:
@@ -132,7 +143,7 @@ class Phases:
 
     def train_m1(self) -> Path:
         """M1: SFT of the base model on IFT + EFT (unless given); iteration 1's creation runs at the end of its fit."""
-        if not self.m1_given and not self.run.done("m1"):
+        if not self.m1_adapter and not self.run.done("m1"):
             L.seed_everything(self.self_reward.seed, verbose=False)
             self.model.export_dir = str(self.m1_dir)
             self.train("m1", self.m1_dir.parent, self.model, self.datamodule, _examples, "m1", next_t=1)
