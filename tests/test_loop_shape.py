@@ -145,3 +145,17 @@ def test_the_round_config_parses_its_inherited_nested_settings():
     config = parser.instantiate_classes(parser.parse_string("dpo:\n  optimizer: {lr: 1.0e-3}\n  max_length: 64\n"))
     assert config.dpo.optimizer == OptimConfig(lr=1e-3, warmup_ratio=0.1, schedule="linear", min_lr_ratio=0.1)
     assert config.dpo.max_length == 64 and config.dpo.beta == DPOConfig.beta
+
+
+def test_the_loop_command_never_loads_a_model_it_does_not_train(tmp_path):
+    """With M1 given and nothing to run, `loop` needs no model at all: the one named may as well be absent."""
+    import json
+
+    from srlm.cli import main
+
+    main(["loop", "--config", str(REPO / "configs" / "smoke.yaml"), "--model.init_args.backbone.model_name_or_path",
+          str(tmp_path / "absent"), "--m1_adapter", str(tmp_path / "m1"), "--iterations", "0",
+          "--evaluation.enabled", "false", "--run_dir", str(tmp_path / "run"),
+          "--trainer.default_root_dir", str(tmp_path)])
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["final_model"] == str(tmp_path / "m1") and manifest["base_model"].endswith("absent")
