@@ -41,8 +41,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DPOConfig:
-    """How a DPO round trains: the loss and the optimiser (TRL's ``DPOConfig``, srlm's knobs). ``DPOModule``
-    takes these as its arguments, the loop's ``dpo:`` section extends them (``DPORoundConfig``)."""
+    """How a DPO round trains: the loss and the optimiser (as TRL's ``DPOConfig``).
+
+    ``DPOModule`` takes these as its arguments (their defaults are these); the loop's ``dpo:`` section extends
+    them (``DPORoundConfig``)."""
 
     beta: float = 0.1
     """DPO temperature (paper: 0.1)."""

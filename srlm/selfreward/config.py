@@ -99,8 +99,10 @@ class SelfRewardConfig:
 
 @dataclass
 class DPORoundConfig(PairDataConfig, DPOConfig):
-    """How each DPO round trains (M_t -> M_{t+1}): the DPO settings (``DPOConfig``, what ``DPOModule`` takes), the
-    pair data's (``PairDataConfig``, what ``PreferenceDataModule`` takes) and the round's length."""
+    """How each DPO round trains (M_t -> M_{t+1}).
+
+    The DPO settings are ``DPOConfig``'s (what ``DPOModule`` takes), the pair data's ``PairDataConfig``'s (what
+    ``PreferenceDataModule`` takes); the round adds its length. The loop builds both from this one config."""
 
     max_epochs: int = 1
     """Epochs over the pairs."""
