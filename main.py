@@ -4,8 +4,9 @@
     python main.py fit --config configs/m2_dpo.yaml     # one DPO round on preference pairs
     python main.py loop                                 # the whole self-rewarding loop
     python main.py prepare-oasst --input F --output_dir D
+    python main.py --help                               # every command, a line each (srlm/cli.py COMMANDS)
 
-Every subcommand takes --help and --print_config.
+Every command takes --help; Lightning's (fit, validate, test, predict, loop) also --print_config.
 """
 
 import logging

@@ -19,6 +19,7 @@ from lightning.pytorch.strategies import Strategy
 from srlm.data.datamodule import SFTDataModule
 from srlm.models.sft import SFTModule
 from srlm.selfreward.config import DPORoundConfig, EvalConfig, SelfRewardConfig
+from srlm.selfreward.loop import run_loop
 from srlm.selfreward.select import SelectionConfig
 
 
@@ -75,8 +76,7 @@ class SRLMTrainer(Trainer):
             selection: checkpoint selection inside the training phases (the paper picks checkpoints on a
                 validation set): measure every N steps, export the best step, record the choice in the manifest.
         """
-        from srlm.selfreward.loop import run_loop
-
-        return run_loop(self, model, datamodule or SFTDataModule(), run_dir, iterations, m1_adapter,
-                        self_reward or SelfRewardConfig(), dpo or DPORoundConfig(), checkpoint_every, force,
-                        evaluation or EvalConfig(), sft_baseline=sft_baseline, selection=selection)
+        return run_loop(self, model=model, datamodule=datamodule or SFTDataModule(), run_dir=run_dir,
+                        iterations=iterations, m1_adapter=m1_adapter, self_reward=self_reward or SelfRewardConfig(),
+                        dpo=dpo or DPORoundConfig(), evaluation=evaluation or EvalConfig(),
+                        checkpoint_every=checkpoint_every, force=force, sft_baseline=sft_baseline, selection=selection)

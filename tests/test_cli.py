@@ -2,18 +2,24 @@
 
 import pytest
 
-from srlm.cli import EXTRA_COMMANDS, main
+from srlm.cli import COMMANDS, main
+
+EVERY_COMMAND = ["fit", "validate", "test", "predict", "loop", "evaluate", "ifeval", "head-to-head", "report",
+                 "generate-prompts", "generate-candidates", "judge", "make-pairs", "prepare-oasst", "split-ranked",
+                 "build-eft", "build-eft-checked"]
 
 
 def test_help_lists_every_command_with_a_line(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         main(["--help"])
+    assert exit_.value.code == 0
     out = capsys.readouterr().out
-    table = out.split("Commands (each takes --help):", 1)[1].split("\n\n", 1)[0]
+    table = out.split("Commands (each takes --help):", 1)[1]
     lines = {line.split()[0]: line for line in table.strip().splitlines()}
-    for name in ["fit", "validate", "loop", *EXTRA_COMMANDS]:
-        assert name in lines, name
-        assert len(lines[name].split(None, 1)) == 2  # a description follows the name
+    assert set(COMMANDS) == set(EVERY_COMMAND) == set(lines)
+    for name in EVERY_COMMAND:
+        description = lines[name].split(None, 1)[1]
+        assert description.endswith(".") and "\n" not in description, name
 
 
 def test_quiet_drops_only_the_repeated_third_party_lines(caplog):

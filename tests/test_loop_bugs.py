@@ -105,7 +105,7 @@ def test_generative_judge_follows_the_configured_seed(tiny_model, m1_dir, tmp_pa
     def judgements(name, seed):
         run = prepared_run(tmp_path / name)
         creator(tiny_model, run, judge_mode="generative", judge_samples=2, judge_sampling=Sampling(1.0, 1.0, 8),
-                seed=seed).run(m1_dir)
+                seed=seed).ensure(m1_dir)
         return {r["id"]: r["outputs"] for r in records(run.iter_dir(1) / "judgements.jsonl")}
 
     first, again, other = judgements("a", 0), judgements("b", 0), judgements("c", 1)
@@ -116,27 +116,27 @@ def test_generative_judge_follows_the_configured_seed(tiny_model, m1_dir, tmp_pa
 # -- 5. changed artifacts ------------------------------------------------------------------------------
 def test_resume_refuses_artifacts_changed_by_hand(tiny_model, m1_dir, tmp_path):
     root = tmp_path / "run"
-    creator(tiny_model, prepared_run(root)).run(m1_dir)
+    creator(tiny_model, prepared_run(root)).ensure(m1_dir)
     assert prepared_run(root).done("iter_1/pairs")
     cands = root / "iter_1" / "candidates.jsonl"
     cands.write_text("".join(cands.read_text().splitlines(True)[:-1]))  # truncated by hand
     with pytest.raises(RuntimeError) as err:
-        creator(tiny_model, prepared_run(root)).run(m1_dir)
+        creator(tiny_model, prepared_run(root)).ensure(m1_dir)
     message = str(err.value)
     assert "iter_1/candidates.jsonl" in message and "'iter_1/candidates'" in message
     assert "--force true" in message and "manifest.json" in message
     # --force true accepts the file as it is, and records it: the next resume passes without force
-    creator(tiny_model, prepared_run(root, force=True)).run(m1_dir)
+    creator(tiny_model, prepared_run(root, force=True)).ensure(m1_dir)
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["phases"]["iter_1/candidates"]["files"]["iter_1/candidates.jsonl"]["records"] == 3
-    creator(tiny_model, prepared_run(root)).run(m1_dir)
+    creator(tiny_model, prepared_run(root)).ensure(m1_dir)
     # an edit that keeps the size is caught by the sha256
     judgements = root / "iter_1" / "judgements.jsonl"
     text = judgements.read_text()
     judgements.write_text(text.replace('"prompt_id": "t1-p0"', '"prompt_id": "t1-p1"', 1))
     assert judgements.stat().st_size == len(text.encode())
     with pytest.raises(RuntimeError, match="iter_1/judgements.jsonl"):
-        creator(tiny_model, prepared_run(root)).run(m1_dir)
+        creator(tiny_model, prepared_run(root)).ensure(m1_dir)
 
 
 # -- the loop ------------------------------------------------------------------------------------------
@@ -172,14 +172,14 @@ def test_resumed_loop_refuses_a_truncated_artifact(tiny_model, tmp_path):
 def positive_rounds(monkeypatch):
     """What each positive-examples round was given to train on."""
     seen = []
-    original = loop_module._positive_round
+    original = loop_module.positive_round
 
     def spy(*args, **kwargs):
         result = original(*args, **kwargs)
         seen.append(result)
         return result
 
-    monkeypatch.setattr(loop_module, "_positive_round", spy)
+    monkeypatch.setattr(loop_module, "positive_round", spy)
     return seen
 
 

@@ -14,6 +14,7 @@ the rubric prefix shared by all judge prompts is computed once. Writes to ``outp
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -23,9 +24,9 @@ from srlm.data.records import RankedPrompt, write_json, write_jsonl
 from srlm.inference.loading import load_engine, release, resolve_model
 from srlm.metrics.reward_scores import reward_metrics_from_scores
 from srlm.models.backbone import DEFAULT_MODEL
-from srlm.prompts import PromptTemplate, load_template
+from srlm.prompts import JUDGE_TEMPLATE, PromptTemplate, load_template
 from srlm.inference.engine import Engine, Sampling
-from srlm.inference.judge import make_judge
+from srlm.inference.judge import JUDGE_SAMPLES, JUDGE_SAMPLING, make_judge
 
 SCORES_FILE, METRICS_FILE = "reward_scores.jsonl", "reward_metrics.json"
 
@@ -47,8 +48,8 @@ def format_table(metrics: dict) -> str:
 
 
 def evaluate_reward_with(engine: Engine, tokenizer, ranked: list[RankedPrompt], output_dir: Union[str, Path],
-                         judge_mode: str = "logit", samples: int = 3, sampling: Optional[Sampling] = None,
-                         template: Union[str, PromptTemplate] = "judge_additive", model: Optional[str] = None,
+                         judge_mode: str = "logit", samples: int = JUDGE_SAMPLES, sampling: Optional[Sampling] = None,
+                         template: Union[str, PromptTemplate] = JUDGE_TEMPLATE, model: Optional[str] = None,
                          adapter: Optional[str] = None, verbose: bool = True) -> dict:
     """Judge every reply of ``ranked`` with an already loaded model; write the scores and metrics files.
 
@@ -80,8 +81,9 @@ def evaluate_reward_with(engine: Engine, tokenizer, ranked: list[RankedPrompt], 
 
 
 def evaluate_reward(model: str = DEFAULT_MODEL, adapter: Optional[str] = None, eval_file: str = "seed:eft_eval.jsonl",
-                    output_dir: str = "runs/eval", judge_mode: str = "logit", samples: int = 3,
-                    judge_template: str = "judge_additive", max_new_tokens: int = 128, batch_size: int = 8,
+                    output_dir: str = "runs/eval", judge_mode: str = "logit", samples: int = JUDGE_SAMPLES,
+                    judge_template: str = JUDGE_TEMPLATE, max_new_tokens: int = JUDGE_SAMPLING.max_new_tokens,
+                    batch_size: int = 8,
                     max_prompts: Optional[int] = None, seed: int = 0) -> dict:
     """Reward-modelling metrics of a model judging human-ranked replies (the paper's EFT eval table).
 
@@ -108,7 +110,7 @@ def evaluate_reward(model: str = DEFAULT_MODEL, adapter: Optional[str] = None, e
     engine, tokenizer = load_engine(base, adapter, batch_size=batch_size, seed=seed)
     try:
         return evaluate_reward_with(engine, tokenizer, ranked, output_dir, judge_mode, samples,
-                                    Sampling(temperature=0.7, top_p=0.9, max_new_tokens=max_new_tokens),
+                                    dataclasses.replace(JUDGE_SAMPLING, max_new_tokens=max_new_tokens),
                                     judge_template, model=base, adapter=adapter)
     finally:
         release(engine)

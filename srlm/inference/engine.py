@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from srlm.inference.kv_cache import reserved_cache
+from srlm.seeds import derive_seed
 
 
 @dataclass
@@ -218,7 +219,7 @@ class Engine:
         for number, chunk in enumerate(self._chunks(prompts, per_call)):
             if skip is not None and skip(list(chunk)):
                 continue
-            generator = torch.Generator(device=self.device).manual_seed(base_seed + 7919 * number)
+            generator = torch.Generator(device=self.device).manual_seed(derive_seed(base_seed, number))
             logits, cache, mask, last_pos = self._prefill([prompts[i] for i in chunk], prefix_len, layers,
                                                           cfg.max_new_tokens)
             if n > 1:  # one prefill per prompt, its key/values repeated for the n samples

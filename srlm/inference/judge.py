@@ -29,6 +29,11 @@ from srlm.prompts import PromptTemplate
 from srlm.inference.engine import Engine, Sampling
 from srlm.inference.scoring import before_score, parse_score
 
+JUDGE_SAMPLES = 3
+"""Judgements sampled per response in the generative and reasoned modes, averaged (paper: 3)."""
+JUDGE_SAMPLING = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=128)
+"""How a judgement is sampled (the one default of the judge's length: the loop, ``judge`` and ``evaluate``)."""
+
 
 @dataclass
 class JudgeResult:
@@ -71,8 +76,8 @@ class Judge:
 class GenerativeJudge(Judge):
     """Sample k judgements per response and average the parsed scores."""
 
-    def __init__(self, engine: Engine, tokenizer, template: PromptTemplate, samples: int = 3,
-                 sampling: Sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=160), max_score: int = 5):
+    def __init__(self, engine: Engine, tokenizer, template: PromptTemplate, samples: int = JUDGE_SAMPLES,
+                 sampling: Sampling = JUDGE_SAMPLING, max_score: int = 5):
         super().__init__(engine, tokenizer, template, max_score)
         self.samples, self.sampling = samples, sampling
 
@@ -150,8 +155,8 @@ class LogitJudge(Judge):
 class ReasonedJudge(GenerativeJudge):
     """Sample k judgements, then force the cue after each and take the expected score over the digits."""
 
-    def __init__(self, engine: Engine, tokenizer, template: PromptTemplate, samples: int = 3,
-                 sampling: Sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=160), cue: str = "Score:",
+    def __init__(self, engine: Engine, tokenizer, template: PromptTemplate, samples: int = JUDGE_SAMPLES,
+                 sampling: Sampling = JUDGE_SAMPLING, cue: str = "Score:",
                  max_score: int = 5):
         super().__init__(engine, tokenizer, template, samples, sampling, max_score)
         self.cue = cue
@@ -202,12 +207,12 @@ class ReasonedJudge(GenerativeJudge):
 JUDGE_MODES = ("generative", "logit", "reasoned")
 
 
-def make_judge(mode: str, engine: Engine, tokenizer, template: PromptTemplate, samples: int = 3,
+def make_judge(mode: str, engine: Engine, tokenizer, template: PromptTemplate, samples: int = JUDGE_SAMPLES,
                sampling: Optional[Sampling] = None, max_score: int = 5) -> Judge:
     if mode == "generative":
-        return GenerativeJudge(engine, tokenizer, template, samples, sampling or Sampling(0.7, 0.9, 160), max_score)
+        return GenerativeJudge(engine, tokenizer, template, samples, sampling or JUDGE_SAMPLING, max_score)
     if mode == "logit":
         return LogitJudge(engine, tokenizer, template, max_score=max_score)
     if mode == "reasoned":
-        return ReasonedJudge(engine, tokenizer, template, samples, sampling or Sampling(0.7, 0.9, 160), max_score=max_score)
+        return ReasonedJudge(engine, tokenizer, template, samples, sampling or JUDGE_SAMPLING, max_score=max_score)
     raise ValueError(f"judge mode '{mode}': expected one of {', '.join(JUDGE_MODES)}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -26,22 +28,63 @@ def _plain(value):
     return value
 
 
+_DEFERRED = contextvars.ContextVar("srlm_deferred_loading", default=False)
+
+
+@contextmanager
+def deferred_loading():
+    """Modules made inside this block load their tokenizer and weights on first use (``self.tokenizer``,
+    ``self.model``), at the latest in ``setup``, instead of at construction. The ``loop`` command makes its M1
+    module so: a run whose M1 is trained reads only its settings and never loads it."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
 class AdapterModule(L.LightningModule):
-    """A backbone with a trainable adapter. Checkpoints hold the trainable weights only."""
+    """A backbone with a trainable adapter. Checkpoints hold the trainable weights only.
+
+    The tokenizer and the weights load at construction, or on first use when made under ``deferred_loading``.
+    """
 
     def __init__(self, backbone: BackboneConfig, optimizer: optim.OptimConfig, export_dir: Optional[str],
                  sparse_lm_head: bool):
         super().__init__()
         self.backbone_config, self.optim_config = backbone, optimizer
         self.export_dir, self.sparse_lm_head = export_dir, sparse_lm_head
-        self.tokenizer = load_tokenizer(backbone.model_name_or_path, backbone.trust_remote_code)
-        self.model, self.merged_adapters = load_trainable(backbone)
-        # from_pretrained returns eval mode, and Lightning 2.x keeps submodules' modes: without this,
-        # LoRA dropout would silently stay off during training.
-        self.model.train()
         # Frozen base weights come from the model files, not the checkpoint.
         self.strict_loading = False
         self.exported_to: Optional[Path] = None
+        if not _DEFERRED.get():
+            self._load_tokenizer()
+            self._load_weights()
+
+    def __getattr__(self, name: str):
+        # Only for names not found as usual: a deferred module's tokenizer and weights, loaded on first use.
+        try:
+            return super().__getattr__(name)  # torch keeps submodules (``model``) out of __dict__
+        except AttributeError:
+            if name == "tokenizer":
+                self._load_tokenizer()
+            elif name in ("model", "merged_adapters"):
+                self._load_weights()
+            else:
+                raise
+            return super().__getattr__(name) if name == "model" else self.__dict__[name]
+
+    def _load_tokenizer(self) -> None:
+        self.tokenizer = load_tokenizer(self.backbone_config.model_name_or_path, self.backbone_config.trust_remote_code)
+
+    def _load_weights(self) -> None:
+        self.model, self.merged_adapters = load_trainable(self.backbone_config)
+        # from_pretrained returns eval mode, and Lightning 2.x keeps submodules' modes: without this,
+        # LoRA dropout would silently stay off during training.
+        self.model.train()
+
+    def setup(self, stage: str) -> None:
+        self.model  # noqa: B018  (loaded here at the latest: before configure_model and a checkpoint's restore)
 
     def configure_model(self) -> None:
         # Under ModelParallelStrategy (FSDP2, configs/strategies/fsdp.yaml) Lightning hands the module a

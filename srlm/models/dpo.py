@@ -20,11 +20,12 @@ The values travel in the checkpoints: a round resumed mid-way, whose policy is n
 the reference of its start (full fine-tuning could not compute it again).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: DPORoundConfig (srlm/selfreward/config.py) inherits
+# DPOConfig's fields, and jsonargparse would resolve their string annotations in that module.
 import copy
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -36,6 +37,34 @@ from srlm.models.logprobs import response_logps
 from srlm.models.optim import OptimConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class DPOConfig:
+    """How a DPO round trains: the loss and the optimiser (as TRL's ``DPOConfig``).
+
+    ``DPOModule`` takes these as its arguments (their defaults are these); the loop's ``dpo:`` section extends
+    them (``DPORoundConfig``)."""
+
+    beta: float = 0.1
+    """DPO temperature (paper: 0.1)."""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO) | robust | hinge | ipo."""
+    label_smoothing: float = 0.0
+    """eps for the robust loss, in [0, 0.5)."""
+    optimizer: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_ratio=0.1, schedule="linear",
+                                                                      min_lr_ratio=0.1))
+    """Optimiser; the paper decays 1e-6 -> 1e-7 for full fine-tuning."""
+    precompute_reference: bool = True
+    """Reference log-probs in one pass before training (harvested ones need none); false: a reference pass every
+    step (with ``lora: false`` on a frozen copy of M_t, twice the weights' memory)."""
+
+    def __post_init__(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type '{self.loss_type}': expected one of {', '.join(LOSS_TYPES)}")
+
+
+_DEFAULT = DPOConfig()
 
 
 class DPOModule(AdapterModule):
@@ -50,23 +79,31 @@ class DPOModule(AdapterModule):
         precompute_reference: compute reference log-probs once before training instead of every step.
         export_dir: where the peft adapter is written at the end of fit (default: the logger's folder/adapter).
         sparse_lm_head: apply the LM head only at response positions (same log-probs, less work).
+
+    The DPO arguments are those of ``DPOConfig``, with its defaults (flat, so a ``fit`` config names them
+    directly); ``DPOModule.from_config`` builds one from a config.
     """
 
-    def __init__(self, backbone: BackboneConfig = BackboneConfig(), optimizer: OptimConfig = OptimConfig(lr=5e-5),
-                 beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 precompute_reference: bool = True, export_dir: Optional[str] = None, sparse_lm_head: bool = True):
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type '{loss_type}': expected one of {', '.join(LOSS_TYPES)}")
+    def __init__(self, backbone: BackboneConfig = BackboneConfig(), optimizer: OptimConfig = _DEFAULT.optimizer,
+                 beta: float = _DEFAULT.beta, loss_type: str = _DEFAULT.loss_type,
+                 label_smoothing: float = _DEFAULT.label_smoothing,
+                 precompute_reference: bool = _DEFAULT.precompute_reference, export_dir: Optional[str] = None,
+                 sparse_lm_head: bool = True):
+        self.dpo_config = DPOConfig(beta, loss_type, label_smoothing, optimizer, precompute_reference)
         super().__init__(backbone, optimizer, export_dir, sparse_lm_head)
         self.save_hyperparameters()
-        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-        self.precompute_reference = precompute_reference
         self.reference_model: Optional[torch.nn.Module] = None  # full fine-tuning's frozen M_t (made in setup)
 
+    @classmethod
+    def from_config(cls, backbone: BackboneConfig, config: DPOConfig, **kwargs) -> "DPOModule":
+        """A module with ``config``'s DPO settings (``kwargs``: ``export_dir``, ``sparse_lm_head``)."""
+        return cls(backbone, **{f.name: getattr(config, f.name) for f in fields(DPOConfig)}, **kwargs)
+
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         # Full fine-tuning without precomputed log-probs: keep M_t as a frozen copy, made here (after the data
         # is read, before a checkpoint is restored or the optimiser built) and only if some pair needs it.
-        if self.backbone_config.lora or self.precompute_reference or self.reference_model is not None:
+        if self.backbone_config.lora or self.dpo_config.precompute_reference or self.reference_model is not None:
             return
         datasets = self._datasets()  # none known (plain dataloaders): keep the copy to be safe
         if not datasets or any(item["ref"] is None for ds in datasets.values() for item in ds.items):
@@ -140,7 +177,7 @@ class DPOModule(AdapterModule):
                         dataset.set_reference(i, *ref)
 
     def on_fit_start(self) -> None:
-        if not self.precompute_reference and (self.backbone_config.lora or self.reference_model is not None):
+        if not self.dpo_config.precompute_reference and (self.backbone_config.lora or self.reference_model is not None):
             return
         dm = self.trainer.datamodule
         for dataset in self._datasets().values():
@@ -166,8 +203,8 @@ class DPOModule(AdapterModule):
             ref_c, ref_r = batch["ref_chosen_logp"].to(sums.dtype), batch["ref_rejected_logp"].to(sums.dtype)
         else:
             ref_c, ref_r = self.reference_logps(batch)
-        losses, rew_c, rew_r = dpo_loss(sums[:half], sums[half:], ref_c, ref_r, self.beta, self.loss_type,
-                                        self.label_smoothing, counts[:half], counts[half:])
+        losses, rew_c, rew_r = dpo_loss(sums[:half], sums[half:], ref_c, ref_r, self.dpo_config.beta,
+                                        self.dpo_config.loss_type, self.dpo_config.label_smoothing, counts[:half], counts[half:])
         loss = losses.mean()
         prefix = "" if stage == "train" else "val/"
         sync = stage != "train"

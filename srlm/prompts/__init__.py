@@ -1,5 +1,5 @@
 """Prompt templates: the judge rubric and the few-shot prompt-generation template."""
 
-from srlm.prompts.templates import PromptTemplate, load_template
+from srlm.prompts.templates import JUDGE_TEMPLATE, PromptTemplate, load_template
 
-__all__ = ["PromptTemplate", "load_template"]
+__all__ = ["JUDGE_TEMPLATE", "PromptTemplate", "load_template"]

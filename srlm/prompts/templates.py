@@ -14,6 +14,8 @@ from pathlib import Path
 
 BUNDLED = Path(__file__).parent
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+JUDGE_TEMPLATE = "judge_additive"
+"""The judge prompt every judging command and the loop use unless told otherwise (the paper's additive rubric)."""
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from srlm.data.chat import encode_prompt
-from srlm.data.records import JsonlAppender, iter_jsonl, resolve_path, write_json, write_jsonl
+from srlm.data.records import iter_jsonl, resolve_path, write_json, write_jsonl
 from srlm.models.backbone import DEFAULT_MODEL
 from srlm.selfreward.build_eft import SAMPLES_SUFFIX, STATS_SUFFIX
 from srlm.selfreward.eft_records import MAX_SCORE, default_cap, histogram
 from srlm.selfreward.eft_records import balance as balance_scores
+from srlm.selfreward.config import CANDIDATE_SAMPLING
 
 SOURCE = "checked"
 
@@ -86,15 +87,14 @@ def build_checked_eft_with(engine, tokenizer, items: Sequence[dict], output: str
                            **record) -> dict:
     """``build_checked_eft`` with a loaded engine; ``references`` maps an item key to its reference answer."""
     from srlm.metrics.ifeval import check_response, setup_checkers
-    from srlm.inference.engine import Sampling
-    from srlm.selfreward.steps import Progress
+    from srlm.selfreward.steps import ShardedWriter
 
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if not items:
         raise ValueError("no constraint prompts to answer")
     setup_checkers()
-    sampling = sampling or Sampling(0.7, 0.9, 192)
+    sampling = sampling or CANDIDATE_SAMPLING
     output = Path(output)
     samples_path, stats_path = Path(f"{output}{SAMPLES_SUFFIX}"), Path(f"{output}{STATS_SUFFIX}")
     keys = [str(item["key"]) for item in items]
@@ -106,8 +106,7 @@ def build_checked_eft_with(engine, tokenizer, items: Sequence[dict], output: str
                     raise ValueError(f"{samples_path}:{line}: answered {len(row.get('answers', []))} times, not "
                                      f"{samples}: use another --output or delete the file")
                 rows[row["key"]] = row
-    bar = Progress("answering constraint prompts", len(items), len(rows), show_progress)
-    with JsonlAppender(samples_path) as out:
+    with ShardedWriter(samples_path, "answering constraint prompts", len(items), show_progress, key="key") as out:
         def on_batch(indices, groups):
             new = []
             for i, group in zip(indices, groups):
@@ -121,13 +120,11 @@ def build_checked_eft_with(engine, tokenizer, items: Sequence[dict], output: str
                                     "follows": verdict["follow_instruction_list"]})
                 rows[keys[i]] = row = {"key": keys[i], "answers": answers}
                 new.append(row)
-            out.write_many(new)
-            bar.update(len(new))
+            out.write(new)
 
         if len(rows) < len(items):
             engine.generate([encode_prompt(tokenizer, item["prompt"]) for item in items], samples, sampling,
                             on_batch=on_batch, skip=lambda chunk: all(keys[i] in rows for i in chunk), seed=seed)
-    bar.close()
 
     kept, unchecked, seen, duplicates, refs = [], 0, set(), 0, 0
     for item, key in zip(items, keys):
@@ -167,7 +164,8 @@ def build_checked_eft_with(engine, tokenizer, items: Sequence[dict], output: str
 
 
 def build_checked_eft(prompts: str, output: str, model: str = DEFAULT_MODEL, adapter: Optional[str] = None,
-                      samples: int = 4, temperature: float = 0.7, top_p: float = 0.9, max_new_tokens: int = 192,
+                      samples: int = 4, temperature: float = CANDIDATE_SAMPLING.temperature,
+                      top_p: float = CANDIDATE_SAMPLING.top_p, max_new_tokens: int = CANDIDATE_SAMPLING.max_new_tokens,
                       with_references: bool = True, balance: bool = True, max_per_score: Optional[int] = None,
                       max_prompts: Optional[int] = None, batch_size: int = 16, seed: int = 0) -> dict:
     """Build EFT judge-training data whose scores come from IFEval's checkers on the model's own answers.

@@ -12,28 +12,25 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-
 from srlm.data.datamodule import load_sft_file, resolve_path
 from srlm.data.records import read_jsonl
-from srlm.models.backbone import DEFAULT_MODEL, load_for_inference, load_tokenizer
-from srlm.prompts import load_template
+from srlm.inference.engine import Sampling
+from srlm.inference.judge import JUDGE_SAMPLES, JUDGE_SAMPLING, make_judge
+from srlm.inference.loading import load_engine
+from srlm.models.backbone import DEFAULT_MODEL
+from srlm.prompts import JUDGE_TEMPLATE, load_template
 from srlm.selfreward import steps
-from srlm.inference.engine import Engine, Sampling
-from srlm.inference.judge import make_judge
+from srlm.selfreward.config import CANDIDATE_SAMPLING, PROMPT_SAMPLING, SelfRewardConfig as Defaults
+
+# Every default below is the loop's (SelfRewardConfig and the sampling constants beside it): one place each.
 
 
-def _engine(model: str, adapter: Optional[str], batch_size: int, seed: int, dtype: str = "auto"):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = load_for_inference(model, adapter, dtype).to(device)
-    tokenizer = load_tokenizer(model)
-    return Engine(net, [tokenizer.eos_token_id], tokenizer.pad_token_id, batch_size=batch_size, seed=seed), tokenizer
-
-
-def generate_prompts(output: str, num_prompts: int = 32, model: str = DEFAULT_MODEL, adapter: Optional[str] = None,
-                     seed_prompts_file: str = "seed:ift.jsonl", few_shot: int = 8, template: str = "self_instruct",
-                     temperature: float = 0.6, top_p: float = 0.9, max_new_tokens: int = 96, batch_size: int = 16,
-                     seed: int = 0) -> dict:
+def generate_prompts(output: str, num_prompts: int = Defaults.num_prompts, model: str = DEFAULT_MODEL,
+                     adapter: Optional[str] = None, seed_prompts_file: str = Defaults.seed_prompts_file,
+                     few_shot: int = Defaults.few_shot, template: str = Defaults.prompt_template,
+                     temperature: float = PROMPT_SAMPLING.temperature, top_p: float = PROMPT_SAMPLING.top_p,
+                     max_new_tokens: int = PROMPT_SAMPLING.max_new_tokens, batch_size: int = Defaults.batch_size,
+                     seed: int = Defaults.seed) -> dict:
     """Write new prompts by few-shot prompting.
 
     Args:
@@ -50,7 +47,7 @@ def generate_prompts(output: str, num_prompts: int = 32, model: str = DEFAULT_MO
         batch_size: requests per generate call.
         seed: seed.
     """
-    engine, tok = _engine(model, adapter, batch_size, seed)
+    engine, tok = load_engine(model, adapter, batch_size, seed)
     seeds = [ex.prompt for ex in load_sft_file(seed_prompts_file)]
     stats = steps.generate_prompts(engine, tok, seeds, load_template(template, "examples"), resolve_path(output),
                                    target=num_prompts, few_shot=few_shot, seed=seed,
@@ -60,14 +57,15 @@ def generate_prompts(output: str, num_prompts: int = 32, model: str = DEFAULT_MO
 
 
 def generate_candidates(prompts: str, output: str, model: str = DEFAULT_MODEL, adapter: Optional[str] = None,
-                        n: int = 4, temperature: float = 0.7, top_p: float = 0.9, max_new_tokens: int = 256,
-                        batch_size: int = 8, seed: int = 0) -> dict:
+                        n: int = Defaults.num_candidates, temperature: float = CANDIDATE_SAMPLING.temperature,
+                        top_p: float = CANDIDATE_SAMPLING.top_p, max_new_tokens: int = CANDIDATE_SAMPLING.max_new_tokens,
+                        batch_size: int = Defaults.batch_size, seed: int = Defaults.seed) -> dict:
     """Sample N responses per prompt.
 
     Args:
         prompts: jsonl of {"id", "prompt"}.
         output: candidates jsonl to write (appended to on resume).
-        model: base model.
+        model: base model, or an srlm model folder (its base read from its lineage).
         adapter: an srlm adapter folder (M_t).
         n: responses per prompt.
         temperature: sampling temperature.
@@ -76,7 +74,7 @@ def generate_candidates(prompts: str, output: str, model: str = DEFAULT_MODEL, a
         batch_size: prompts per generate call.
         seed: seed.
     """
-    engine, tok = _engine(model, adapter, batch_size, seed)
+    engine, tok = load_engine(model, adapter, batch_size, seed)
     stats = steps.generate_candidates(engine, tok, read_jsonl(resolve_path(prompts)), resolve_path(output), n=n,
                                       sampling=Sampling(temperature, top_p, max_new_tokens))
     print(stats)
@@ -84,16 +82,18 @@ def generate_candidates(prompts: str, output: str, model: str = DEFAULT_MODEL, a
 
 
 def judge(candidates: str, output: str, model: str = DEFAULT_MODEL, adapter: Optional[str] = None,
-          mode: str = "generative", samples: int = 3, template: str = "judge_additive", temperature: float = 0.7,
-          top_p: float = 0.9, max_new_tokens: int = 128, batch_size: int = 8, seed: int = 0) -> dict:
+          mode: str = Defaults.judge_mode, samples: int = JUDGE_SAMPLES, template: str = JUDGE_TEMPLATE,
+          temperature: float = JUDGE_SAMPLING.temperature, top_p: float = JUDGE_SAMPLING.top_p,
+          max_new_tokens: int = JUDGE_SAMPLING.max_new_tokens, batch_size: int = Defaults.batch_size,
+          seed: int = Defaults.seed) -> dict:
     """Score every candidate with the judge template.
 
     Args:
         candidates: jsonl of {"id", "prompt_id", "prompt", "response"}.
         output: judgements jsonl to write (appended to on resume).
-        model: base model.
+        model: base model, or an srlm model folder (its base read from its lineage).
         adapter: an srlm adapter folder (M_t).
-        mode: generative or logit.
+        mode: generative, logit or reasoned.
         samples: judge samples per candidate (generative).
         template: judge template (name or path).
         temperature: sampling temperature (generative).
@@ -102,7 +102,7 @@ def judge(candidates: str, output: str, model: str = DEFAULT_MODEL, adapter: Opt
         batch_size: judge prompts per forward.
         seed: seed.
     """
-    engine, tok = _engine(model, adapter, batch_size, seed)
+    engine, tok = load_engine(model, adapter, batch_size, seed)
     j = make_judge(mode, engine, tok, load_template(template, "question", "response"), samples,
                    Sampling(temperature, top_p, max_new_tokens))
     stats = steps.judge_candidates(j, read_jsonl(resolve_path(candidates)), resolve_path(output))
@@ -110,8 +110,8 @@ def judge(candidates: str, output: str, model: str = DEFAULT_MODEL, adapter: Opt
     return stats
 
 
-def make_pairs(candidates: str, judgements: str, output: str, min_margin: float = 0.0,
-               length_control: Optional[float] = None) -> dict:
+def make_pairs(candidates: str, judgements: str, output: str, min_margin: float = Defaults.min_margin,
+               length_control: Optional[float] = Defaults.length_control) -> dict:
     """Pair the best against the worst candidate of each prompt.
 
     Args:

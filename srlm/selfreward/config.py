@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from srlm.models.optim import OptimConfig
+from srlm.data.pair_config import PairDataConfig
 from srlm.inference.engine import Sampling
-from srlm.inference.judge import JUDGE_MODES
+from srlm.inference.judge import JUDGE_MODES, JUDGE_SAMPLES, JUDGE_SAMPLING
+from srlm.models.dpo import DPOConfig
+from srlm.prompts import JUDGE_TEMPLATE
+
+PROMPT_SAMPLING = Sampling(temperature=0.6, top_p=0.9, max_new_tokens=96)
+"""How new prompts are sampled (paper: T=0.6, p=0.9): the loop's and ``generate-prompts``' default."""
+CANDIDATE_SAMPLING = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=192)
+"""How candidate responses are sampled (paper: T=0.7, p=0.9): the loop's, ``generate-candidates``' and
+``build-eft-checked``'s default."""
 
 
 @dataclass
@@ -26,20 +34,20 @@ class SelfRewardConfig:
     """Few-shot prompt-generation template (bundled name or path; placeholder {examples})."""
     prompt_model: str = "base"
     """Which model writes new prompts: ``base`` (the fixed base model, as the paper used a fixed model), ``current`` (M_t)."""
-    prompt_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.6, top_p=0.9, max_new_tokens=96))
+    prompt_sampling: Sampling = field(default_factory=lambda: replace(PROMPT_SAMPLING))
     """Sampling for prompt generation (paper: T=0.6, p=0.9)."""
     num_candidates: int = 4
     """Responses per prompt (paper: N=4)."""
-    candidate_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_new_tokens=192))
+    candidate_sampling: Sampling = field(default_factory=lambda: replace(CANDIDATE_SAMPLING))
     """Sampling for candidates (paper: T=0.7, p=0.9)."""
     judge_mode: str = "generative"
     """``generative`` (sample, parse ``Score: N``, average), ``logit`` (expected score from the digit probabilities
     after a forced ``Score:``) or ``reasoned`` (sample a judgement, then read the digits after a forced ``Score:``)."""
-    judge_samples: int = 3
+    judge_samples: int = JUDGE_SAMPLES
     """Judge samples per candidate in generative mode, averaged (paper: 3)."""
-    judge_sampling: Sampling = field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_new_tokens=128))
+    judge_sampling: Sampling = field(default_factory=lambda: replace(JUDGE_SAMPLING))
     """Sampling for generative judging."""
-    judge_template: str = "judge_additive"
+    judge_template: str = JUDGE_TEMPLATE
     """Judge prompt template (bundled name or path; placeholders {question} and {response})."""
     min_margin: float = 0.0
     """A pair needs best - worst > min_margin; equal scores are always dropped."""
@@ -90,31 +98,16 @@ class SelfRewardConfig:
 
 
 @dataclass
-class DPORoundConfig:
-    """How each DPO round trains (M_t -> M_{t+1})."""
+class DPORoundConfig(PairDataConfig, DPOConfig):
+    """How each DPO round trains (M_t -> M_{t+1}).
 
-    beta: float = 0.1
-    """DPO temperature (paper: 0.1)."""
-    loss_type: str = "sigmoid"
-    """sigmoid | robust | hinge | ipo."""
-    label_smoothing: float = 0.0
-    """eps for the robust loss."""
-    optimizer: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_ratio=0.1, schedule="linear",
-                                                                      min_lr_ratio=0.1))
-    """Optimiser; the paper decays 1e-6 -> 1e-7 for full fine-tuning."""
-    batch_size: int = 2
-    """Pairs per step."""
-    max_length: int = 512
-    """Longest prompt + response in tokens."""
-    max_prompt_length: int = 256
-    """Prompt tokens kept at least when a pair is cut."""
+    The DPO settings are ``DPOConfig``'s (what ``DPOModule`` takes), the pair data's ``PairDataConfig``'s (what
+    ``PreferenceDataModule`` takes); the round adds its length. The loop builds both from this one config."""
+
     max_epochs: int = 1
     """Epochs over the pairs."""
     max_steps: int = -1
     """Stop after this many steps (-1: no limit)."""
-    precompute_reference: bool = True
-    """Reference log-probs in one pass before training (harvested ones need none); false: a reference pass every
-    step (with ``lora: false`` on a frozen copy of M_t, twice the weights' memory)."""
 
 
 @dataclass
@@ -139,7 +132,7 @@ class EvalConfig:
     """Evaluate on at most this many questions (None: all)."""
     judge_mode: str = "logit"
     """Judge used for the reward metrics: logit (one pass) or generative (k samples)."""
-    judge_samples: int = 3
+    judge_samples: int = JUDGE_SAMPLES
     """Judge samples per reply in generative mode."""
     h2h_prompts: int = 8
     """Held-out prompts for M_{t+1} vs M_t head-to-head (0 turns it off)."""

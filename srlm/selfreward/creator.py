@@ -1,13 +1,16 @@
 """Self-instruction creation for one iteration, and the Callback that runs it between fits.
 
-``InstructionCreator.run(model_dir)`` takes M_t (an exported srlm model folder) and writes the
-iteration's prompts, candidates, judgements and pairs (the next AIFT set), skipping phases the
-manifest marks done and resuming a phase cut short; the files of the phases done earlier are
-checked against the manifest (size, sha256) before they are read (RunDir.verify).
-``SelfRewardCallback`` runs it at the end of the fit that produced M_t; the loop calls it directly
-when that fit had already finished.
+``InstructionCreator.ensure(model_dir)`` takes M_t (an exported srlm model folder) and finishes
+whatever is missing of the iteration's prompts, candidates, judgements and pairs (the next AIFT
+set): phases the manifest marks done are skipped, a phase cut short resumes, and the files of the
+phases done earlier are checked against the manifest (size, sha256) before they are read
+(RunDir.verify). It is idempotent: with every phase done it only verifies.
+``SelfRewardCallback`` ends each training phase of the loop: it marks the phase done (so a run
+killed during the creation that follows continues with this model) and then calls ``ensure`` with
+the freshly exported model. The loop calls ``ensure`` again at the start of each iteration, which
+is how a resumed run (or a given M1) reaches the same code.
 
-Under several processes every rank runs ``run`` (each generates and judges its share of the fixed
+Under several processes every rank runs ``ensure`` (each generates and judges its share of the fixed
 batches, see steps.py) while rank 0 alone writes files and logs; give it a
 ``distributed.SharedRunDir`` so that every rank sees the phases rank 0 marks done. Generation
 runs on its own non-sharded copy of M_t loaded from the exported folder, never on the training
@@ -16,26 +19,29 @@ module, so it needs no collective forward.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import lightning as L
 import torch
 
 from srlm.data.datamodule import load_sft_file
 from srlm.data.records import write_json, write_jsonl
+from srlm.inference.engine import Engine
+from srlm.inference.judge import make_judge
 from srlm.models.backbone import BackboneConfig, load_for_inference, load_tokenizer
 from srlm.prompts import load_template
+from srlm.seeds import derive_seed
 from srlm.selfreward import distributed as dist
 from srlm.selfreward import steps
 from srlm.selfreward.config import SelfRewardConfig
 from srlm.selfreward.meta_judge import META_FIELDS, JUDGE_PAIRS, cap_judge_pairs, meta_judge
-from srlm.inference.engine import Engine
-from srlm.inference.judge import make_judge
 from srlm.selfreward.pairs import positive_examples
 from srlm.selfreward.rundir import RunDir
+from srlm.selfreward.select import SELECTION_FILE
 
 log = logging.getLogger(__name__)
 PHASES = ("prompts", "candidates", "judgements", "pairs")
@@ -61,6 +67,10 @@ class InstructionCreator:
     def phase(self, name: str) -> str:
         return f"iter_{self.t}/{name}"
 
+    def counts(self) -> dict:
+        """Each creation phase's counts, as the manifest records them."""
+        return {p: self.run_dir.info(self.phase(p)).get("counts", {}) for p in PHASES}
+
     def complete(self) -> bool:
         """Whether every phase is done; then their files, which the next round trains on, are verified
         (ArtifactChanged if one was changed by hand since its phase wrote it)."""
@@ -77,7 +87,7 @@ class InstructionCreator:
     @property
     def seed(self) -> int:
         """This iteration's sampling seed (candidates and judging), from SelfRewardConfig.seed."""
-        return self.config.seed + 1000 * self.t
+        return derive_seed(self.config.seed, "iteration", self.t)
 
     def _engine(self, model_dir: Optional[str], seed: Optional[int] = None) -> tuple[Engine, object]:
         # a QLoRA run generates from the same 4-bit model it trains (its reference is that model too)
@@ -103,7 +113,7 @@ class InstructionCreator:
             raise ValueError(f"rejected_from: {c.rejected_from} needs that model; none was trained in this run")
         paths = [self.dir / "anchor_candidates.jsonl", self.dir / "anchor_judgements.jsonl"]
         # its own seed: at t = 1 the anchor M1 is M_t itself, and the same seed would repeat M_t's samples
-        engine, anchor_tok = self._engine(str(self.anchor_dir), seed=self.seed + 1)
+        engine, anchor_tok = self._engine(str(self.anchor_dir), seed=derive_seed(self.seed, "anchor"))
         stats = steps.generate_candidates(engine, anchor_tok, prompts, paths[0], n=c.num_candidates,
                                           sampling=c.candidate_sampling, show_progress=self.show_progress, tag="a")
         self._log("anchor candidates", stats)
@@ -115,8 +125,11 @@ class InstructionCreator:
         self._log("anchor judgements", stats)
         return anchors, steps.existing(paths[1]), paths
 
-    def run(self, model_dir: str | Path) -> dict:
-        """Write this iteration's AIFT data with M_t from ``model_dir``; returns the per-phase summaries."""
+    def ensure(self, model_dir: str | Path) -> dict:
+        """Finish whatever is missing of this iteration's AIFT data, with M_t from ``model_dir`` (loaded only when
+        something is missing); returns the per-phase summaries."""
+        if self.complete():
+            return self.counts()
         c, model_dir = self.config, str(model_dir)
         dist.barrier()  # rank 0 has exported M_t
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -130,8 +143,9 @@ class InstructionCreator:
                 current = (engine, tok)
             stats = steps.generate_prompts(engine, tok, seed_prompts, load_template(c.prompt_template, "examples"),
                                            files["prompts"], target=c.num_prompts, max_requests=c.max_requests,
-                                           few_shot=c.few_shot, sampling=c.prompt_sampling, seed=c.seed + self.t,
-                                           id_prefix=f"t{self.t}-p", requests_per_batch=c.batch_size,
+                                           few_shot=c.few_shot, sampling=c.prompt_sampling,
+                                           seed=derive_seed(c.seed, "prompts", self.t), id_prefix=f"t{self.t}-p",
+                                           requests_per_batch=c.batch_size,
                                            show_progress=self.show_progress)
             self._log("prompts", stats)
             self.run_dir.mark_done(self.phase("prompts"), stats, [files["prompts"]])
@@ -183,21 +197,32 @@ class InstructionCreator:
                 written.append(self.dir / JUDGE_PAIRS)
             self._log("pairs", stats)
             self.run_dir.mark_done(self.phase("pairs"), stats, written)
-        summary = {p: self.run_dir.info(self.phase(p)).get("counts", {}) for p in PHASES}
+        summary = self.counts()
         if dist.is_rank0():
             write_json(self.dir / "metrics.json", {"iteration": self.t, "model": model_dir, **summary})
         return summary
 
 
 class SelfRewardCallback(L.Callback):
-    """Runs self-instruction creation with the freshly trained model at the end of its fit."""
+    """Ends a training phase of the loop: marks it done in the run manifest with its counts (and the checkpoint
+    selection's choice), then, given a creator, creates the next iteration's training data with the model
+    this fit exported. One callback does both, in this order: a run killed during the creation continues with
+    this model, and never fits another M_t whose candidates would be judged beside the first one's."""
 
-    def __init__(self, creator: InstructionCreator):
-        self.creator = creator
+    def __init__(self, run: RunDir, phase: str, counts: Callable[[L.Trainer], dict],
+                 creator: Optional[InstructionCreator] = None):
+        self.run, self.phase, self.counts, self.creator = run, phase, counts, creator
         self.summary: Optional[dict] = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        model_dir = pl_module.exported_to or pl_module.export_path()
-        self.creator.device = pl_module.device
-        self.creator.show_progress = trainer.is_global_zero
-        self.summary = self.creator.run(model_dir)
+        counts = {**self.counts(trainer), "steps": trainer.global_step}
+        chosen = Path(trainer.default_root_dir) / SELECTION_FILE  # written by SelectBest when the phase selects
+        if chosen.exists():
+            summary = json.loads(chosen.read_text(encoding="utf-8"))
+            counts["selection"] = {k: summary.get(k) for k in ("metric", "best_step", "best_value", "final_step",
+                                                               "final_value")}
+        self.run.mark_done(self.phase, counts)
+        if self.creator is not None:
+            self.creator.device = pl_module.device
+            self.creator.show_progress = trainer.is_global_zero
+            self.summary = self.creator.ensure(pl_module.exported_to or pl_module.export_path())

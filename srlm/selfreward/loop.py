@@ -3,7 +3,10 @@
 Each phase runs on a fresh Trainer (re-calling ``fit`` on a used Trainer is fragile) and marks
 itself done in the run's manifest; a rerun of the same command skips finished phases, resumes a
 cut-short fit from its ``last.ckpt`` and a cut-short generation or judging step from its records.
-The generation and judging step is a Callback on the fit that produced M_t.
+Creating the next training set (AIFT(M_t): prompts, candidates, judgements, pairs) is a Callback at
+the end of the fit that produced M_t (``SelfRewardCallback``); the loop asks for it again at the start
+of each iteration (``InstructionCreator.ensure``, idempotent), which is the whole of resume: a fit
+killed during the creation, or an M1 given by the user, goes through the same code.
 
 Under a multi-process strategy (``--trainer.strategy=ddp``) every rank runs ``run_loop``: the
 processes and the process group start here, before the first phase, and stay for every later
@@ -17,27 +20,207 @@ import inspect
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 
-from srlm.data.datamodule import PreferenceDataModule, SFTDataModule
-from srlm.data.records import write_json
+from srlm.data.datamodule import SFTDataModule
+from srlm.data.records import read_jsonl, write_json
 from srlm.models.dpo import DPOModule
 from srlm.models.sft import SFTModule
-from srlm.selfreward.config import DPORoundConfig, EvalConfig, SelfRewardConfig
+from srlm.seeds import derive_seed
 from srlm.selfreward import distributed as dist
+from srlm.selfreward.config import DPORoundConfig, EvalConfig, SelfRewardConfig
 from srlm.selfreward.creator import InstructionCreator, SelfRewardCallback
 from srlm.selfreward.meta_judge import JUDGE_PAIRS
 from srlm.selfreward.rundir import RunDir
-from srlm.selfreward.select import SELECTION_FILE, SelectionConfig, selection_callbacks
-
-if TYPE_CHECKING:
-    from srlm.trainer import SRLMTrainer
+from srlm.selfreward.select import SelectionConfig, selection_callbacks
 
 log = logging.getLogger(__name__)
+
+
+class LoopTrainer(Protocol):
+    """What the loop needs of the Trainer it is given (``SRLMTrainer`` is one): a fresh Trainer per phase made
+    from its arguments, and what it runs under (its strategy, world size and the CLI's callbacks)."""
+
+    init_kwargs: dict
+    callbacks: list
+    strategy: Any
+    world_size: int
+
+    def fresh(self, **overrides: Any) -> L.Trainer: ...
+
+
+def run_loop(trainer: LoopTrainer, *, model: SFTModule, datamodule: SFTDataModule, run_dir: str, iterations: int,
+             m1_adapter: Optional[str], self_reward: SelfRewardConfig, dpo: DPORoundConfig, evaluation: EvalConfig,
+             checkpoint_every: int, force: bool, sft_baseline: bool = False,
+             selection: Optional[SelectionConfig] = None) -> dict:
+    """The self-rewarding loop (``SRLMTrainer.loop`` documents the arguments, in the same order): M1, then for each
+    iteration create AIFT(M_t) -> train M_{t+1} -> evaluate it. Returns the run manifest."""
+    dist.check_loop_strategy(trainer)
+    dist.ensure_process_group(trainer)  # every rank runs this function from here on, rank 0 writes
+    if self_reward.rejected_from == "sft" and not sft_baseline:
+        raise ValueError("self_reward.rejected_from: sft takes its rejected answers from the IFT-only SFT baseline: "
+                         "set sft_baseline: true")
+    run = dist.SharedRunDir(run_dir)
+    run.claim(config_text(trainer, {"run_dir": run_dir, "iterations": iterations, "m1_adapter": m1_adapter,
+                                    "self_reward": dataclasses.asdict(self_reward), "dpo": dataclasses.asdict(dpo)}),
+              trainer.world_size, force)
+    run.manifest["base_model"] = model.backbone_config.model_name_or_path
+    phases = Phases(trainer=trainer, run=run, model=model, datamodule=datamodule, iterations=iterations,
+                    m1_adapter=m1_adapter, self_reward=self_reward, dpo=dpo, ev=evaluation,
+                    checkpoint_every=checkpoint_every, selection=selection)
+
+    phases.evaluate("base", model.backbone_config.model_name_or_path, base=True)  # the curve's starting point M0
+    if sft_baseline:  # the paper's comparison point: the base model fine-tuned on the IFT data alone
+        phases.sft_dir = phases.train_sft_baseline()
+        phases.evaluate("sft", phases.sft_dir)
+    model_dir = phases.train_m1()  # or the M1 given
+    phases.evaluate("m1", model_dir)
+    for t in range(1, iterations + 1):
+        phases.creator(t).ensure(model_dir)  # AIFT(M_t): done at the end of M_t's fit unless that was cut short
+        previous, model_dir = model_dir, phases.train_round(t, model_dir)
+        if model_dir != previous:  # M_{t+1} = M_t when the round had nothing to train on
+            phases.evaluate(f"iter_{t}", model_dir, [(f"M{t}", previous)] + phases.against_sft)
+    run.manifest["final_model"] = str(model_dir)
+    run.save()
+    if evaluation.enabled and dist.is_rank0():
+        from srlm.evaluation.report import write_report
+
+        log.info("report: %s", write_report(str(run.root)))
+    return run.manifest
+
+
+@dataclasses.dataclass
+class Phases:
+    """The loop's phases over one run folder (``run_loop``'s arguments); each is skipped when the manifest marks
+    it done. Every training phase ends with ``SelfRewardCallback``, which marks it done and creates the next
+    iteration's data."""
+
+    trainer: LoopTrainer
+    run: RunDir
+    model: SFTModule
+    datamodule: SFTDataModule
+    iterations: int
+    m1_adapter: Optional[str]
+    self_reward: SelfRewardConfig
+    dpo: DPORoundConfig
+    ev: EvalConfig
+    checkpoint_every: int
+    selection: Optional[SelectionConfig]
+    sft_dir: Optional[Path] = None
+    """The IFT-only SFT baseline, once trained (sft_baseline)."""
+
+    @property
+    def m1_dir(self) -> Path:
+        return Path(self.m1_adapter) if self.m1_adapter else self.run.root / "m1" / "model"
+
+    @property
+    def against_sft(self) -> list[tuple[str, Path]]:
+        return [("SFT", self.sft_dir)] if self.sft_dir is not None else []
+
+    def creator(self, t: int) -> InstructionCreator:
+        """Iteration t's self-instruction creation (AIFT(M_t))."""
+        anchor = {"m1": self.m1_dir, "sft": self.sft_dir}.get(self.self_reward.rejected_from)
+        return InstructionCreator(self.self_reward, self.run, t, self.model.backbone_config,
+                                  device=self.trainer.strategy.root_device, show_progress=dist.is_rank0(),
+                                  anchor_dir=anchor)
+
+    def train(self, phase: str, root: Path, module, data, counts, selects: str, next_t: Optional[int] = None,
+              **overrides) -> None:
+        """Fit ``module`` on ``data`` in ``root`` (resuming from its last checkpoint) unless ``phase`` is done; at
+        the end of the fit the phase is marked done and iteration ``next_t``'s data created with the new model."""
+        if self.run.done(phase):
+            return
+        creator = self.creator(next_t) if next_t is not None and next_t <= self.iterations else None
+        callbacks = selection_callbacks(self.selection, selects) + [SelfRewardCallback(self.run, phase, counts,
+                                                                                       creator)]
+        last = root / "checkpoints" / "last.ckpt"
+        phase_trainer(self.trainer, root, self.checkpoint_every, callbacks, **overrides).fit(
+            module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+
+    def train_m1(self) -> Path:
+        """M1: SFT of the base model on IFT + EFT (unless given); iteration 1's creation runs at the end of its fit."""
+        if not self.m1_adapter and not self.run.done("m1"):
+            L.seed_everything(self.self_reward.seed, verbose=False)
+            self.model.export_dir = str(self.m1_dir)
+            self.train("m1", self.m1_dir.parent, self.model, self.datamodule, _examples, "m1", next_t=1)
+        return self.m1_dir
+
+    def train_sft_baseline(self) -> Path:
+        """The paper's SFT baseline: the base model fine-tuned on the IFT data alone, as M1's SFT is otherwise run
+        (same backbone, optimiser, steps and batch); exported to ``sft/model``."""
+        root = self.run.root / "sft"
+        if not self.run.done("sft"):
+            L.seed_everything(self.self_reward.seed, verbose=False)
+            module = SFTModule(self.model.backbone_config, self.model.optim_config, export_dir=str(root / "model"),
+                               sparse_lm_head=self.model.sparse_lm_head)
+            self.train("sft", root, module, same_data(self.datamodule, eft_files=[]), _examples, "sft")
+        return root / "model"
+
+    def train_round(self, t: int, model_dir: Path) -> Path:
+        """M_{t+1} from M_t on AIFT(M_t): a DPO round (or, with ``positive_only``, SFT on the top-scored answers);
+        iteration t+1's creation runs at the end of its fit. Returns M_{t+1}'s folder (M_t's without data)."""
+        phase, it_dir = f"iter_{t}/train", self.run.iter_dir(t)
+        if self.run.done(phase):
+            return Path(self.run.info(phase)["counts"]["model"])
+        pair_counts = self.run.info(f"iter_{t}/pairs").get("counts", {})
+        n_pairs = pair_counts.get("pairs", 0)
+        n_judge = (pair_counts.get("meta_judge") or {}).get("judge_pairs", 0)  # capped: 0 without actor pairs
+        # Each phase seeds itself: a resumed run reaches it with another RNG state than a fresh one.
+        L.seed_everything(derive_seed(self.self_reward.seed, "round", t), verbose=False)
+        if self.self_reward.positive_only:
+            modules = positive_round(self.model, self.datamodule, model_dir, it_dir)
+            empty = {"pairs": 0, "positive_examples": 0}
+        else:
+            modules = dpo_round(self.model, self.dpo, model_dir, it_dir, n_judge) if n_pairs else None
+            empty = {"pairs": 0}
+        if modules is None:  # nothing to learn: M_{t+1} = M_t
+            log.warning("%s: no training data (pairs or positive examples): M%d = M%d", phase, t + 1, t)
+            self.run.mark_done(phase, {**empty, "model": str(model_dir)})
+            return model_dir
+        counts = {"pairs": n_pairs, "model": str(it_dir / "model"), **({"judge_pairs": n_judge} if n_judge else {})}
+        self.train(phase, it_dir / "dpo", *modules, lambda tr: counts, "dpo", next_t=t + 1,
+                   max_epochs=self.dpo.max_epochs, max_steps=self.dpo.max_steps)
+        return it_dir / "model"
+
+    def evaluate(self, name: str, model, opponents: Sequence[tuple[str, Path]] = (), base: bool = False) -> None:
+        if self.ev.enabled and (self.ev.evaluate_base or not base):
+            evaluate_phase(self.run, name, model, self.ev, self.ev.batch_size, opponents)
+
+
+def _examples(trainer: L.Trainer) -> dict:
+    return {"train_examples": len(trainer.datamodule.train_dataset)}
+
+
+def dpo_round(model: SFTModule, dpo: DPORoundConfig, model_dir: Path, it_dir: Path, n_judge: int):
+    """A DPO round's module (M_t as policy start and reference) and data (the pairs, and the meta-judge's judge
+    pairs, which train in the same round)."""
+    module = DPOModule.from_config(dataclasses.replace(model.backbone_config, adapter_path=str(model_dir)), dpo,
+                                   export_dir=str(it_dir / "model"), sparse_lm_head=model.sparse_lm_head)
+    files = [str(it_dir / "pairs.jsonl")] + ([str(it_dir / JUDGE_PAIRS)] if n_judge else [])
+    return module, dpo.datamodule(files)
+
+
+def positive_round(model: SFTModule, datamodule: SFTDataModule, model_dir: Path, it_dir: Path):
+    """The paper's 'positive examples only' variant: SFT of M_t on M1's IFT + EFT data plus its own top-scoring
+    responses, with every setting of M1's module and data. None without positive examples."""
+    positives = it_dir / "positives.jsonl"
+    if not read_jsonl(positives):
+        return None
+    module = SFTModule(dataclasses.replace(model.backbone_config, adapter_path=str(model_dir)), model.optim_config,
+                       export_dir=str(it_dir / "model"), sparse_lm_head=model.sparse_lm_head)
+    return module, same_data(datamodule, extra_files=[*datamodule.extra_files, str(positives)])
+
+
+def same_data(datamodule: SFTDataModule, **changes) -> SFTDataModule:
+    """A new SFT DataModule with every setting of ``datamodule`` but ``changes``. (Its saved hyperparameters
+    may carry LightningCLI's ``_class_path`` and the like: only the constructor's own arguments are kept.)"""
+    accepted = inspect.signature(SFTDataModule.__init__).parameters
+    settings = {k: v for k, v in dict(datamodule.hparams).items() if k in accepted and k != "self"}
+    return SFTDataModule(**{**settings, **changes})
 
 
 def config_text(trainer, fallback: dict) -> str:
@@ -51,28 +234,7 @@ def config_text(trainer, fallback: dict) -> str:
     return json.dumps(fallback, indent=2, default=str, sort_keys=True) + "\n"
 
 
-class PhaseTrained(L.Callback):
-    """Marks a training phase done in the run manifest when its fit ends, its model exported.
-
-    List it before ``SelfRewardCallback``: callbacks run in list order, and a run killed during the
-    creation that follows must continue with this model, not fit another M_t whose candidates
-    would then be judged beside the first one's.
-    """
-
-    def __init__(self, run: RunDir, phase: str, counts: Callable[[L.Trainer], dict]):
-        self.run, self.phase, self.counts = run, phase, counts
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        counts = {**self.counts(trainer), "steps": trainer.global_step}
-        chosen = Path(trainer.default_root_dir) / SELECTION_FILE  # written by SelectBest when the phase selects
-        if chosen.exists():
-            summary = json.loads(chosen.read_text(encoding="utf-8"))
-            counts["selection"] = {k: summary.get(k) for k in ("metric", "best_step", "best_value", "final_step",
-                                                               "final_value")}
-        self.run.mark_done(self.phase, counts)
-
-
-def phase_trainer(trainer: "SRLMTrainer", root: Path, checkpoint_every: int, extra_callbacks: list, **overrides):
+def phase_trainer(trainer: LoopTrainer, root: Path, checkpoint_every: int, extra_callbacks: list, **overrides):
     """A fresh Trainer for one phase: its own folder, its own checkpoints, the user's other callbacks."""
     inherited = [cb for cb in trainer.init_kwargs.get("callbacks") or []
                  if not isinstance(cb, (ModelCheckpoint, SaveConfigCallback))]
@@ -80,11 +242,6 @@ def phase_trainer(trainer: "SRLMTrainer", root: Path, checkpoint_every: int, ext
                                   every_n_train_steps=checkpoint_every)
     return trainer.fresh(default_root_dir=str(root), callbacks=inherited + [checkpoints] + extra_callbacks,
                          enable_checkpointing=True, **overrides)
-
-
-def fit_phase(trainer, module, datamodule, root: Path) -> None:
-    last = root / "checkpoints" / "last.ckpt"
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if last.exists() else None)
 
 
 @dist.on_rank0
@@ -137,151 +294,3 @@ def _write_model_metrics(run: RunDir, name: str) -> None:
     current["evaluation"] = {kind: run.info(f"{kind}/{name}").get("counts", {})
                              for kind in ("eval", "ifeval") if run.done(f"{kind}/{name}")}
     write_json(path, current)
-
-
-def run_loop(trainer: "SRLMTrainer", model: SFTModule, datamodule: SFTDataModule, run_dir: str, iterations: int,
-             m1_adapter: Optional[str], self_reward: SelfRewardConfig, dpo: DPORoundConfig, checkpoint_every: int,
-             force: bool, evaluation: Optional[EvalConfig] = None, sft_baseline: bool = False,
-             selection: Optional[SelectionConfig] = None) -> dict:
-    dist.check_loop_strategy(trainer)
-    dist.ensure_process_group(trainer)  # every rank runs this function from here on, rank 0 writes
-    run = dist.SharedRunDir(run_dir)
-    run.claim(config_text(trainer, {"run_dir": run_dir, "iterations": iterations, "m1_adapter": m1_adapter,
-                                    "self_reward": dataclasses.asdict(self_reward), "dpo": dataclasses.asdict(dpo)}),
-              trainer.world_size, force)
-    backbone = model.backbone_config
-    run.manifest["base_model"] = backbone.model_name_or_path
-    ev = evaluation or EvalConfig()
-
-    def creator_for(t: int) -> InstructionCreator:
-        anchor = {"m1": m1_adapter or run.root / "m1" / "model", "sft": sft_dir}.get(self_reward.rejected_from)
-        return InstructionCreator(self_reward, run, t, backbone, device=trainer.strategy.root_device,
-                                  show_progress=dist.is_rank0(), anchor_dir=anchor)
-
-    if self_reward.rejected_from == "sft" and not sft_baseline:
-        raise ValueError("self_reward.rejected_from: sft takes its rejected answers from the IFT-only SFT baseline: "
-                         "set sft_baseline: true")
-
-    batch = ev.batch_size
-    sft_dir = None
-    # The curve's starting point, and the paper's comparison point: M0 and the IFT-only SFT baseline.
-    if ev.enabled and ev.evaluate_base:
-        evaluate_phase(run, "base", backbone.model_name_or_path, ev, batch)
-    if sft_baseline:
-        sft_dir = _sft_baseline(trainer, run, model, datamodule, checkpoint_every, self_reward.seed,
-                                selection_callbacks(selection, "sft"))
-        if ev.enabled:
-            evaluate_phase(run, "sft", sft_dir, ev, batch)
-    against_sft = [("SFT", sft_dir)] if sft_dir is not None else []
-
-    # M1: SFT on IFT + EFT (or an M1 given by the user), with iteration 1's creation as its callback.
-    if m1_adapter:
-        model_dir = m1_adapter
-        pending = None
-    else:
-        root = run.root / "m1"
-        model_dir = root / "model"
-        pending = creator_for(1) if iterations >= 1 else None
-        if not run.done("m1"):
-            L.seed_everything(self_reward.seed, verbose=False)
-            model.export_dir = str(model_dir)
-            callbacks = selection_callbacks(selection, "m1")
-            callbacks += [PhaseTrained(run, "m1", lambda tr: {"train_examples": len(tr.datamodule.train_dataset)})]
-            callbacks += [SelfRewardCallback(pending)] if pending else []
-            fit_phase(phase_trainer(trainer, root, checkpoint_every, callbacks), model, datamodule, root)
-    if ev.enabled:
-        evaluate_phase(run, "m1", model_dir, ev, batch)
-    for t in range(1, iterations + 1):
-        creator = pending or creator_for(t)
-        if not creator.complete():
-            creator.run(model_dir)  # the fit that made M_t finished earlier (resume or given M1)
-        it_dir = run.iter_dir(t)
-        phase = f"iter_{t}/train"
-        next_creator = creator_for(t + 1) if t < iterations else None
-        pending = next_creator
-        if run.done(phase):
-            previous, model_dir = (f"M{t}", model_dir), Path(run.info(phase)["counts"]["model"])
-            if ev.enabled and run.info(phase)["counts"].get("pairs"):
-                evaluate_phase(run, f"iter_{t}", model_dir, ev, batch, [previous] + against_sft)
-            continue
-        pair_counts = run.info(f"iter_{t}/pairs").get("counts", {})
-        n_pairs = pair_counts.get("pairs", 0)
-        n_judge = (pair_counts.get("meta_judge") or {}).get("judge_pairs", 0)  # capped: 0 without actor pairs
-        # Each phase seeds itself: a resumed run reaches it with another RNG state than a fresh one.
-        L.seed_everything(self_reward.seed + t, verbose=False)
-        if self_reward.positive_only:
-            if (positive := _positive_round(run, phase, model, datamodule, model_dir, it_dir)) is None:
-                continue  # no positive examples: M_{t+1} = M_t, marked done
-            module, data = positive
-        elif n_pairs == 0:
-            log.warning("iteration %d produced no preference pairs: M%d = M%d", t, t + 1, t)
-            run.mark_done(phase, {"pairs": 0, "model": str(model_dir)})
-            continue
-        else:
-            module = DPOModule(dataclasses.replace(backbone, adapter_path=str(model_dir)), dpo.optimizer, dpo.beta,
-                               dpo.loss_type, dpo.label_smoothing, dpo.precompute_reference,
-                               export_dir=str(it_dir / "model"), sparse_lm_head=model.sparse_lm_head)
-            # the meta-judge's judge pairs train in the same round as the actor pairs
-            files = [str(it_dir / "pairs.jsonl")] + ([str(it_dir / JUDGE_PAIRS)] if n_judge else [])
-            data = PreferenceDataModule(pair_files=files, batch_size=dpo.batch_size,
-                                        max_length=dpo.max_length, max_prompt_length=dpo.max_prompt_length)
-        root = it_dir / "dpo"
-        previous = (f"M{t}", model_dir)
-        model_dir = it_dir / "model"
-        counts = {"pairs": n_pairs, "model": str(model_dir), **({"judge_pairs": n_judge} if n_judge else {})}
-        callbacks = selection_callbacks(selection, "dpo")
-        callbacks += [PhaseTrained(run, phase, lambda tr, counts=counts: counts)]
-        callbacks += [SelfRewardCallback(next_creator)] if next_creator else []
-        fit_phase(phase_trainer(trainer, root, checkpoint_every, callbacks, max_epochs=dpo.max_epochs,
-                                max_steps=dpo.max_steps), module, data, root)
-        if ev.enabled:
-            evaluate_phase(run, f"iter_{t}", model_dir, ev, batch, [previous] + against_sft)
-    run.manifest["final_model"] = str(model_dir)
-    run.save()
-    if ev.enabled and dist.is_rank0():
-        from srlm.evaluation.report import write_report
-
-        log.info("report: %s", write_report(str(run.root)))
-    return run.manifest
-
-
-def same_data(datamodule: SFTDataModule, **changes) -> SFTDataModule:
-    """A new SFT DataModule with every setting of ``datamodule`` but ``changes``. (Its saved hyperparameters
-    may carry LightningCLI's ``_class_path`` and the like: only the constructor's own arguments are kept.)"""
-    accepted = inspect.signature(SFTDataModule.__init__).parameters
-    settings = {k: v for k, v in dict(datamodule.hparams).items() if k in accepted and k != "self"}
-    return SFTDataModule(**{**settings, **changes})
-
-
-def _sft_baseline(trainer, run: RunDir, model: SFTModule, datamodule: SFTDataModule, checkpoint_every: int,
-                  seed: int, extra_callbacks: list) -> Path:
-    """The paper's SFT baseline: the base model fine-tuned on the IFT data alone, as M1's SFT is otherwise run
-    (same backbone, optimiser, steps and batch); exported to ``sft/model``."""
-    root = run.root / "sft"
-    model_dir = root / "model"
-    if not run.done("sft"):
-        L.seed_everything(seed, verbose=False)
-        module = SFTModule(model.backbone_config, model.optim_config, export_dir=str(model_dir),
-                           sparse_lm_head=model.sparse_lm_head)
-        data = same_data(datamodule, eft_files=[])
-        callbacks = extra_callbacks + [PhaseTrained(run, "sft",
-                                                    lambda tr: {"train_examples": len(tr.datamodule.train_dataset)})]
-        fit_phase(phase_trainer(trainer, root, checkpoint_every, callbacks), module, data, root)
-    return model_dir
-
-
-def _positive_round(run: RunDir, phase: str, model: SFTModule, datamodule: SFTDataModule, model_dir, it_dir: Path):
-    """The paper's 'positive examples only' variant: SFT of M_t on M1's IFT + EFT data plus its own top-scoring
-    responses, with every setting of M1's data module. Without positive examples there is nothing new to learn:
-    M_{t+1} = M_t, the phase is marked done (as a round without pairs) and None returned."""
-    from srlm.data.records import read_jsonl
-
-    positives = it_dir / "positives.jsonl"
-    if not read_jsonl(positives):
-        log.warning("%s: no positive examples: M_{t+1} = M_t", phase)
-        run.mark_done(phase, {"pairs": 0, "positive_examples": 0, "model": str(model_dir)})
-        return None
-    module = SFTModule(dataclasses.replace(model.backbone_config, adapter_path=str(model_dir)), model.optim_config,
-                       export_dir=str(it_dir / "model"), sparse_lm_head=model.sparse_lm_head)
-    data = same_data(datamodule, extra_files=[*datamodule.extra_files, str(positives)])
-    return module, data

@@ -134,11 +134,11 @@ def _ifeval_value(engine: Engine, tokenizer, config: SelectionConfig) -> float:
 def _judge_value(engine: Engine, tokenizer, config: SelectionConfig) -> float:
     from srlm.data.oasst import read_ranked
     from srlm.metrics.reward_scores import reward_metrics_from_scores
-    from srlm.prompts import load_template
     from srlm.inference.judge import make_judge
+    from srlm.prompts import JUDGE_TEMPLATE, load_template
 
     ranked = read_ranked(config.ranked_file, config.max_prompts)
-    judge = make_judge("logit", engine, tokenizer, load_template("judge_additive", "question", "response"))
+    judge = make_judge("logit", engine, tokenizer, load_template(JUDGE_TEMPLATE, "question", "response"))
     results = judge.score([(p.prompt, reply.text) for p in ranked for reply in p.replies])
     rows, k = [], 0
     for p in ranked:

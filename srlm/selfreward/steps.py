@@ -3,6 +3,8 @@
 Every record carries an id and is appended (and flushed) as soon as its batch is done; a rerun
 reads what is there, skips those ids and continues, so after any kill every record ends up in
 the file exactly once. A torn last line from a kill is dropped on reopening (JsonlAppender).
+``ShardedWriter`` is that writing, shared by every step. Every seed is ``srlm.seeds.derive_seed``
+of the step's seed and the fixed batch's number.
 
 1. ``generate_prompts``: few-shot requests (8 seed prompts each by default); only the model's
    new text is harvested, filtered and deduplicated (PromptFilter). Request i always shows the
@@ -33,9 +35,11 @@ import torch
 from srlm.data.chat import encode_prompt
 from srlm.data.records import iter_jsonl, write_jsonl
 from srlm.prompts import PromptTemplate
-from srlm.selfreward import distributed as dist
 from srlm.inference.engine import Engine, Sampling
 from srlm.inference.judge import Judge
+from srlm.seeds import derive_seed
+from srlm.selfreward import distributed as dist
+from srlm.selfreward.config import CANDIDATE_SAMPLING, PROMPT_SAMPLING
 from srlm.selfreward.pairs import build_pairs
 from srlm.selfreward.prompt_filter import PromptFilter, extract_new_prompt
 
@@ -65,9 +69,59 @@ class Progress:
             self.bar.close()
 
 
+class ShardedWriter:
+    """The resumable, sharded writing every step shares: what ``out_path`` holds already (``seen``, by ``key``),
+    the rows of each round of fixed batches gathered from every rank (``step``, then ``finish_round`` after
+    this rank's last batch) and appended by rank 0, a progress bar, and a barrier on leaving, after which
+    ``records()`` is the whole file on every rank.
+
+        with ShardedWriter(path, "judging", total, show_progress) as out:
+            ... out.step(rows) per batch this rank ran ...; out.finish_round()
+        rows = out.records()
+    """
+
+    def __init__(self, out_path: Path, desc: str, total: int, show_progress: bool = True,
+                 on_rows: Optional[Callable[[list[dict]], None]] = None, key: str = "id"):
+        self.path, self.key = Path(out_path), key
+        self.have = existing(self.path)
+        self.seen = {r[key] for r in self.have}
+        self.bar = Progress(desc, total, len(self.have), show_progress)
+        self.on_rows = on_rows
+
+    def __enter__(self) -> "ShardedWriter":
+        self.out = dist.appender(self.path).__enter__()
+        self.gather = dist.RoundGather(self.write)
+        return self
+
+    def write(self, rows: list[dict]) -> None:
+        """Every rank, with rows every rank knows (gathered, or the same everywhere); rank 0 writes them."""
+        self.out.write_many(rows)
+        self.seen.update(r[self.key] for r in rows)
+        self.bar.update(len(rows))
+        if self.on_rows is not None:
+            self.on_rows(rows)
+
+    def step(self, rows: list[dict]) -> None:
+        """This rank's rows of one fixed batch (each rank calls it once per batch it ran)."""
+        self.gather.step(rows)
+
+    def finish_round(self) -> None:
+        """After this rank's last batch of a call: keep joining the gathering until every rank is done."""
+        self.gather.finish()
+
+    def __exit__(self, *exc) -> None:
+        self.out.__exit__(*exc)
+        self.bar.close()
+        if exc[0] is None:
+            dist.barrier()  # rank 0 has written everything
+
+    def records(self) -> list[dict]:
+        return existing(self.path)
+
+
 # -- 1. prompts ------------------------------------------------------------------------------------
 def few_shot_examples(seed_prompts: Sequence[str], request: int, k: int, seed: int) -> list[str]:
-    rng = random.Random(f"{seed}-{request}")  # request i shows the same examples on every run
+    rng = random.Random(derive_seed(seed, "few-shot", request))  # request i shows the same examples every run
     return rng.sample(list(seed_prompts), min(k, len(seed_prompts)))
 
 
@@ -82,7 +136,7 @@ def next_task_cue(examples: Sequence[str]) -> str:
 
 def generate_prompts(engine: Engine, tokenizer, seed_prompts: Sequence[str], template: PromptTemplate, out_path: Path,
                      *, target: int, max_requests: Optional[int] = None, few_shot: int = 8,
-                     sampling: Sampling = Sampling(0.6, 0.9, 128), seed: int = 0, id_prefix: str = "p",
+                     sampling: Sampling = PROMPT_SAMPLING, seed: int = 0, id_prefix: str = "p",
                      requests_per_batch: int = 16, show_progress: bool = True) -> dict:
     """Write ``target`` new prompts to ``out_path``; the decision on every request goes to ``*.log.jsonl``.
 
@@ -95,19 +149,19 @@ def generate_prompts(engine: Engine, tokenizer, seed_prompts: Sequence[str], tem
     template.require("examples")
     decisions_path = out_path.with_suffix(".log.jsonl")
     max_requests = max_requests or 4 * target
-    kept = existing(out_path)
+    writer = ShardedWriter(out_path, "prompts", target, show_progress)
+    kept = list(writer.have)
     decisions = {d["request"]: d["reason"] for d in existing(decisions_path)}
     decisions.update({r["request"]: "kept" for r in kept})  # a kill between the two writes
     filt = PromptFilter(list(seed_prompts))
     for r in kept:
         filt.remember(r["prompt"])
-    bar = Progress("prompts", target, len(kept), show_progress)
     start = time.time()
     batches = [list(range(first, min(first + requests_per_batch, max_requests)))
                for first in range(0, max_requests, requests_per_batch)]
     pending = [(number, batch) for number, batch in enumerate(batches) if not all(r in decisions for r in batch)]
     world, rank = dist.world_size(), dist.rank()
-    with dist.appender(out_path) as out, dist.appender(decisions_path) as dec:
+    with writer as out, dist.appender(decisions_path) as dec:
         for first in range(0, len(pending), world):
             if len(kept) >= target:  # the same on every rank: all see the same gathered texts
                 break
@@ -117,7 +171,7 @@ def generate_prompts(engine: Engine, tokenizer, seed_prompts: Sequence[str], tem
                 shown = {r: few_shot_examples(seed_prompts, r, few_shot, seed) for r in batch}
                 ids = [encode_prompt(tokenizer, template.fill(examples=render_examples(shown[r])))
                        + tokenizer(next_task_cue(shown[r]), add_special_tokens=False)["input_ids"] for r in batch]
-                samples = engine.generate(ids, 1, sampling, seed=seed * 104729 + number)
+                samples = engine.generate(ids, 1, sampling, seed=derive_seed(seed, "requests", number))
                 texts = [extract_new_prompt(tokenizer.decode(group[0].token_ids, skip_special_tokens=True))
                          for group in samples]
             for (_, batch), batch_texts in zip(pending[first:first + world], dist.all_gather(texts)):
@@ -129,12 +183,10 @@ def generate_prompts(engine: Engine, tokenizer, seed_prompts: Sequence[str], tem
                     reason = filt.check(text or "", few_shot_examples(seed_prompts, r, few_shot, seed))
                     if reason is None:
                         record = {"id": f"{id_prefix}{r}", "prompt": text, "request": r}
-                        out.write(record)  # the record first: a request with a record is decided
+                        out.write([record])  # the record first: a request with a record is decided
                         kept.append(record)
-                        bar.update(1)
                     dec.write({"request": r, "reason": reason or "kept"})
                     decisions[r] = reason or "kept"
-    bar.close()
     stats = {"kept": len(kept), "requests": len(decisions), "seconds": round(time.time() - start, 1)}
     for reason in decisions.values():
         if reason != "kept":
@@ -177,7 +229,7 @@ def harvests_exactly(model) -> bool:
 
 
 def generate_candidates(engine: Engine, tokenizer, prompts: Sequence[dict], out_path: Path, *, n: int = 4,
-                        sampling: Sampling = Sampling(0.7, 0.9, 256), show_progress: bool = True,
+                        sampling: Sampling = CANDIDATE_SAMPLING, show_progress: bool = True,
                         tag: str = "c") -> dict:
     """``n`` responses per prompt record ``{id, prompt}``, appended as each batch of prompts completes.
 
@@ -186,27 +238,19 @@ def generate_candidates(engine: Engine, tokenizer, prompts: Sequence[dict], out_
     reference only where it is exact (``harvests_exactly``); elsewhere it is null and recomputed.
     """
     harvest = harvests_exactly(engine.model)
-    out_path = Path(out_path)
-    have = existing(out_path)
-    seen = {r["id"] for r in have}
     cid = lambda i, k: f"{prompts[i]['id']}-{tag}{k}"  # noqa: E731  (tag: c for M_t's, a for an anchor's)
-    bar = Progress("candidates", len(prompts) * n, len(have), show_progress)
     start, tokens = time.time(), 0
-    with dist.appender(out_path) as out:
-        def on_rows(rows):  # every rank, with every rank's rows; rank 0 writes them
-            nonlocal tokens
-            out.write_many(rows)
-            seen.update(r["id"] for r in rows)
-            tokens += sum(r["n_tokens"] for r in rows)
-            bar.update(len(rows))
 
-        gather = dist.RoundGather(on_rows)
+    def count_tokens(rows):
+        nonlocal tokens
+        tokens += sum(r["n_tokens"] for r in rows)
 
+    with ShardedWriter(out_path, "candidates", len(prompts) * n, show_progress, on_rows=count_tokens) as out:
         def on_batch(indices, groups):
             rows = []
             for i, group in zip(indices, groups):
                 for k, sample in enumerate(group):
-                    if cid(i, k) in seen:
+                    if cid(i, k) in out.seen:
                         continue
                     body = sample.token_ids[:-1] if sample.finished else sample.token_ids
                     response = tokenizer.decode(body, skip_special_tokens=False)
@@ -217,15 +261,13 @@ def generate_candidates(engine: Engine, tokenizer, prompts: Sequence[dict], out_
                                  "n_tokens": len(sample.token_ids), "token_ids": sample.token_ids,
                                  "logp": sample.logp if sample.finished and harvest else None,
                                  "retokenizes": retokenizes(tokenizer, sample), "empty": not response.strip()})
-            gather.step(rows)
+            out.step(rows)
 
-        if any(cid(i, k) not in seen for i in range(len(prompts)) for k in range(n)):
+        if any(cid(i, k) not in out.seen for i in range(len(prompts)) for k in range(n)):
             engine.generate([encode_prompt(tokenizer, p["prompt"]) for p in prompts], n, sampling, on_batch=on_batch,
-                            skip=shard_skip(lambda chunk: all(cid(i, k) in seen for i in chunk for k in range(n))))
-            gather.finish()
-    bar.close()
-    dist.barrier()  # rank 0 has written everything
-    rows = existing(out_path)
+                            skip=shard_skip(lambda chunk: all(cid(i, k) in out.seen for i in chunk for k in range(n))))
+            out.finish_round()
+    rows = out.records()
     seconds = time.time() - start
     return {"prompts": len(prompts), "candidates": len(rows), "empty": sum(bool(r.get("empty")) for r in rows),
             "unfinished": sum(not r["finished"] for r in rows),
@@ -243,41 +285,26 @@ def judge_candidates(judge: Judge, candidates: Sequence[dict], out_path: Path, *
     engine's seed), so a resumed run judges the rest exactly as an uninterrupted run would, and
     another seed samples other judgements.
     """
-    out_path = Path(out_path)
     seed = judge.engine.seed if seed is None else seed
-    have = existing(out_path)
-    seen = {r["id"] for r in have}
-    bar = Progress("judging", len(candidates), len(have), show_progress)
     start = time.time()
-    with dist.appender(out_path) as out:
-        empty = [c for c in candidates if c.get("empty") and c["id"] not in seen]
-        out.write_many([{"id": c["id"], "prompt_id": c["prompt_id"], "score": None, "scores": [], "skipped": "empty"}
-                        for c in empty])
-        seen.update(c["id"] for c in empty)
-
-        def on_rows(rows):  # every rank, with every rank's rows; rank 0 writes them
-            out.write_many(rows)
-            seen.update(r["id"] for r in rows)
-            bar.update(len(rows))
-
-        gather = dist.RoundGather(on_rows)
+    with ShardedWriter(out_path, "judging", len(candidates), show_progress) as out:
+        out.write([{"id": c["id"], "prompt_id": c["prompt_id"], "score": None, "scores": [], "skipped": "empty"}
+                   for c in candidates if c.get("empty") and c["id"] not in out.seen])
         judged = [c for c in candidates if not c.get("empty")]
         for number, begin in enumerate(range(0, len(judged), part)):
             items = judged[begin:begin + part]
-            if all(c["id"] in seen for c in items):
+            if all(c["id"] in out.seen for c in items):
                 continue
 
             def on_batch(indices, results, items=items):
-                gather.step([{"id": items[i]["id"], "prompt_id": items[i]["prompt_id"], **res.to_json()}
-                             for i, res in zip(indices, results) if items[i]["id"] not in seen])
+                out.step([{"id": items[i]["id"], "prompt_id": items[i]["prompt_id"], **res.to_json()}
+                          for i, res in zip(indices, results) if items[i]["id"] not in out.seen])
 
             judge.score([(c["prompt"], c["response"]) for c in items], on_batch=on_batch,
-                        skip=shard_skip(lambda chunk, items=items: all(items[i]["id"] in seen for i in chunk)),
-                        seed=seed * 104729 + number)
-            gather.finish()
-    bar.close()
-    dist.barrier()  # rank 0 has written everything
-    rows = existing(out_path)
+                        skip=shard_skip(lambda chunk, items=items: all(items[i]["id"] in out.seen for i in chunk)),
+                        seed=derive_seed(seed, "judging", number))
+            out.finish_round()
+    rows = out.records()
     return {"judged": len(rows), "samples": sum(len(r["scores"]) for r in rows),
             "unparsed_samples": sum(s is None for r in rows for s in r["scores"]),
             "unscored": sum(r["score"] is None for r in rows), "seconds": round(time.time() - start, 1)}
