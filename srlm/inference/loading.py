@@ -45,12 +45,16 @@ def resolve_model(model: str, adapter: Optional[str] = None) -> tuple[str, Optio
 
 
 def load_engine(model: str, adapter: Optional[str] = None, batch_size: int = 8, seed: int = 0,
-                dtype: str = "auto") -> tuple[Engine, object]:
-    """Load ``model`` (+ ``adapter``) for inference on the GPU when there is one; returns ``(engine, tokenizer)``."""
+                dtype: str = "auto", device: Optional[torch.device] = None, trust_remote_code: bool = False,
+                load_in_4bit: bool = False) -> tuple[Engine, object]:
+    """Load ``model`` (+ ``adapter``) for inference on ``device`` (default: the GPU when there is one); returns
+    ``(engine, tokenizer)``. ``load_in_4bit``: the 4-bit base a QLoRA run trains (bitsandbytes places it)."""
     base, adapter = resolve_model(model, adapter)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = load_for_inference(base, adapter, dtype).to(device)
-    tokenizer = load_tokenizer(base)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = load_for_inference(base, adapter, dtype, trust_remote_code, load_in_4bit=load_in_4bit)
+    if not load_in_4bit:
+        net = net.to(device)
+    tokenizer = load_tokenizer(base, trust_remote_code)
     engine = Engine(net, [tokenizer.eos_token_id], tokenizer.pad_token_id, batch_size=batch_size, seed=seed)
     return engine, tokenizer
 

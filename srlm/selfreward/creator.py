@@ -32,7 +32,8 @@ from srlm.data.datamodule import load_sft_file
 from srlm.data.records import write_json, write_jsonl
 from srlm.inference.engine import Engine
 from srlm.inference.judge import make_judge
-from srlm.models.backbone import BackboneConfig, load_for_inference, load_tokenizer
+from srlm.inference.loading import load_engine
+from srlm.models.backbone import BackboneConfig
 from srlm.prompts import load_template
 from srlm.seeds import derive_seed
 from srlm.selfreward import distributed as dist
@@ -91,15 +92,10 @@ class InstructionCreator:
 
     def _engine(self, model_dir: Optional[str], seed: Optional[int] = None) -> tuple[Engine, object]:
         # a QLoRA run generates from the same 4-bit model it trains (its reference is that model too)
-        model = load_for_inference(self.backbone.model_name_or_path, model_dir, self.backbone.dtype,
-                                   self.backbone.trust_remote_code, load_in_4bit=self.backbone.load_in_4bit)
-        if not self.backbone.load_in_4bit:  # bitsandbytes places 4-bit weights itself
-            model = model.to(self.device)
-        tokenizer = load_tokenizer(self.backbone.model_name_or_path, self.backbone.trust_remote_code)
-        eos = {tokenizer.eos_token_id}
-        engine = Engine(model, eos, tokenizer.pad_token_id, batch_size=self.config.batch_size,
-                        seed=self.seed if seed is None else seed)
-        return engine, tokenizer
+        b = self.backbone
+        return load_engine(b.model_name_or_path, model_dir, batch_size=self.config.batch_size,
+                           seed=self.seed if seed is None else seed, dtype=b.dtype, device=self.device,
+                           trust_remote_code=b.trust_remote_code, load_in_4bit=b.load_in_4bit)
 
     def _log(self, name: str, stats: dict) -> None:
         self.summary[name] = stats
