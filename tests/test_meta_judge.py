@@ -39,6 +39,14 @@ def test_cap_keeps_the_share_of_the_round():
     assert cap_judge_pairs(pairs, 6, 0.25, 0) == cap_judge_pairs(pairs, 6, 0.25, 0)  # seeded
     assert cap_judge_pairs(pairs, 0, 0.25, 0) == []
     assert len(cap_judge_pairs(pairs, 100, 0.5, 0)) == 10
+    assert cap_judge_pairs(pairs, 6, 0.0, 0) == []  # share 0: the meta-judge trains nothing
+
+
+def test_cap_keeps_one_judge_pair_when_the_share_rounds_to_none():
+    # a small round (the smoke recipe: 1 actor pair) would otherwise train the actor alone, never the judge
+    pairs = [{"id": str(i)} for i in range(4)]
+    assert len(cap_judge_pairs(pairs, actor_pairs=1, share=0.25, seed=0)) == 1
+    assert len(cap_judge_pairs(pairs, actor_pairs=2, share=0.25, seed=0)) == 1
 
 
 def test_config_refuses_meta_judging_without_several_judgements():

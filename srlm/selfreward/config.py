@@ -72,7 +72,8 @@ class SelfRewardConfig:
     Needs judge_samples >= 2 written judgements: with judge_mode logit the judge writes them first and reads the
     score after each (judge_mode reasoned)."""
     meta_judge_share: float = 0.25
-    """Largest share of a DPO round's pairs that are judge pairs (the rest are actor pairs)."""
+    """Largest share of a DPO round's pairs that are judge pairs (the rest are actor pairs); a round with actor
+    pairs keeps at least one judge pair while the share is above 0."""
     meta_judge_template: str = "meta_judge"
     """Meta-judge template (bundled name or path; {rubric}, {question}, {response}, {judgement_a}, {judgement_b})."""
     batch_size: int = 8

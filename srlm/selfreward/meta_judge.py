@@ -18,8 +18,8 @@ one with most wins against the one with fewest becomes a judge preference pair
 
 A candidate whose best or worst place is shared (equal wins) gives no pair (``no_clear_order``).
 The judge pairs are capped at ``meta_judge_share`` of the DPO round (``cap_judge_pairs``: at most
-share / (1 - share) judge pairs per actor pair, a seeded choice) and trained in the same round as
-the actor pairs. Judgements without a parsable score are never meta-judged (``unparsed``).
+share / (1 - share) judge pairs per actor pair, a seeded choice, and at least one when there are actor
+pairs and the share is above 0) and trained in the same round as the actor pairs. Judgements without a parsable score are never meta-judged (``unparsed``).
 
 The step is deterministic (no sampling): a run killed during it recomputes it to the same file,
 which is written atomically.
@@ -77,10 +77,13 @@ def rank(n: int, results: dict[tuple[int, int], Optional[int]]) -> Optional[tupl
 
 
 def cap_judge_pairs(judge_pairs: list[dict], actor_pairs: int, share: float, seed: int) -> list[dict]:
-    """At most ``share`` of the round's pairs are judge pairs: a seeded choice of them, in their order."""
+    """At most ``share`` of the round's pairs are judge pairs (at least one when the round has actor pairs and
+    ``share`` > 0): a seeded choice of them, in their order."""
     if not 0.0 <= share < 1.0:
         raise ValueError(f"meta_judge_share must be in [0, 1), got {share}")
     limit = math.floor(share / (1.0 - share) * actor_pairs + 1e-9)
+    if share > 0 and actor_pairs > 0:
+        limit = max(limit, 1)  # a small round would otherwise never train the judge (1 actor pair at share 0.25)
     if len(judge_pairs) <= limit:
         return list(judge_pairs)
     keep = set(random.Random(seed).sample(range(len(judge_pairs)), limit))
