@@ -227,5 +227,11 @@ def test_anchored_rejection_takes_rejected_answers_from_m1(tiny_model, tmp_path)
     assert pairs and all(p["rejected_id"] in anchor_ids and p["chosen_id"] not in anchor_ids for p in pairs)
     assert all("ref_rejected_logp" not in p for p in pairs)  # M1's log-probs are no reference for M_t
     assert manifest["phases"]["iter_1/train"]["done"]
+    anchor = manifest["phases"]["iter_1/pairs"]["counts"]["anchor"]  # recorded for metrics.json and the report
+    assert anchor["rejected_from"] == "m1" and anchor["candidates"] == len(anchors)
+    assert anchor["pairs_rejecting_anchor"] == len(pairs) and sum(anchor["histogram"].values()) == len(anchors)
+    from srlm.evaluation.report import write_report
+
+    assert "rejected answers from m1" in write_report(str(run)).read_text()
     with pytest.raises(ValueError, match="sft_baseline"):
         tiny_loop(tiny_model, tmp_path / "other", rejected_from="sft")

@@ -79,6 +79,12 @@ def _iteration_section(run_dir: Path, phases: dict, t: int, plots: Path, notes: 
         ["DPO final reward accuracy (val)", _fmt(last(dpo_rows, "val/rewards/accuracies"), percent=True)],
         ["DPO final reward margin", _fmt(last(dpo_rows, "rewards/margins"))],
     ]
+    anchor = pairs.get("anchor") if isinstance(pairs.get("anchor"), dict) else None
+    if anchor:  # anchored rejection (self_reward.rejected_from)
+        rows += [[f"pairs with rejected answers from {anchor.get('rejected_from')}",
+                  f"{_fmt(anchor.get('pairs_rejecting_anchor'))} of {_fmt(pairs.get('pairs'))}"],
+                 ["anchor's score histogram (judged by this iteration's model)",
+                  ", ".join(f"{k}: {v}" for k, v in (anchor.get("histogram") or {}).items()) or "–"]]
     meta = pairs.get("meta_judge") if isinstance(pairs.get("meta_judge"), dict) else None
     if meta:  # Meta-Rewarding's judge pairs (self_reward.meta_judge)
         rows += [["meta-judge: candidates with disagreeing judgements", _fmt(meta.get("disagreeing"))],

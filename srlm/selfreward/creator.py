@@ -173,6 +173,12 @@ class InstructionCreator:
                                      allow_unfinished_chosen=c.allow_unfinished_chosen,
                                      length_control=c.length_control)
             written = [files["pairs"]] + anchor_files
+            if anchors:  # anchored rejection: where the rejected answers came from, for metrics.json and the report
+                anchor_ids = {a["id"] for a in anchors}
+                stats["anchor"] = {"rejected_from": c.rejected_from, "candidates": len(anchors),
+                                   "histogram": score_histogram(anchor_judgements),
+                                   "pairs_rejecting_anchor": sum(p["rejected_id"] in anchor_ids
+                                                                 for p in steps.existing(files["pairs"]))}
             if c.positive_only:
                 scores = {j["id"]: j["score"] for j in judgements}
                 positives = positive_examples([{**cand, "candidate_id": cand["id"], "score": scores.get(cand["id"])}
