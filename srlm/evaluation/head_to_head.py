@@ -24,7 +24,8 @@ from typing import Optional, Sequence, Union
 from srlm.data.chat import encode_prompt
 from srlm.data.records import resolve_path
 from srlm.data.records import iter_jsonl, write_json, write_jsonl
-from srlm.inference.loading import load_engine, release, resolve_model
+from srlm.inference.loading import (BACKEND, GPU_MEMORY_UTILIZATION, TENSOR_PARALLEL_SIZE, load_engine, release,
+                                   resolve_model)
 from srlm.models.backbone import DEFAULT_MODEL
 from srlm.prompts import PromptTemplate, load_template
 from srlm.inference.engine import Engine, Sampling
@@ -168,7 +169,9 @@ def load_prompts(prompts_file: str, max_prompts: Optional[int] = None) -> tuple[
 def compare(model_a: str, adapter_a: Optional[str] = None, model_b: str = DEFAULT_MODEL, adapter_b: Optional[str] = None,
             prompts_file: str = "seed:eft_eval.jsonl", output_dir: str = "runs/h2h", judge_model: str = DEFAULT_MODEL,
             judge_adapter: Optional[str] = None, judge_mode: str = "logit", max_prompts: Optional[int] = 32,
-            max_new_tokens: int = 128, batch_size: int = 8, template: str = "pairwise", seed: int = 0) -> dict:
+            max_new_tokens: int = 128, batch_size: int = 8, template: str = "pairwise", seed: int = 0,
+            backend: str = BACKEND, tensor_parallel_size: int = TENSOR_PARALLEL_SIZE,
+            gpu_memory_utilization: Optional[float] = GPU_MEMORY_UTILIZATION) -> dict:
     """Head-to-head instruction following: model A against model B, judged in both orders.
 
     Each model answers the prompts greedily; the judge model compares every pair of answers twice
@@ -191,18 +194,23 @@ def compare(model_a: str, adapter_a: Optional[str] = None, model_b: str = DEFAUL
         batch_size: prompts per forward.
         template: pairwise judge template (bundled name or path) with {question}, {response_a}, {response_b}.
         seed: engine seed.
+        backend: native (srlm's engine) or vllm.
+        tensor_parallel_size: vLLM: GPUs one model is split over.
+        gpu_memory_utilization: vLLM: share of device memory reserved (CPU: of system RAM; None: 0.9 GPU, 0.15 CPU).
     """
+    serving = {"backend": backend, "tensor_parallel_size": tensor_parallel_size,
+               "gpu_memory_utilization": gpu_memory_utilization}
     ids, prompts = load_prompts(prompts_file, max_prompts)
     out = Path(output_dir)
     greedy = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
     answers = []
     for model, adapter in ((model_a, adapter_a), (model_b, adapter_b)):
-        engine, tok = load_engine(model, adapter, batch_size=batch_size, seed=seed)
+        engine, tok = load_engine(model, adapter, batch_size=batch_size, seed=seed, **serving)
         answers.append(generate_responses(engine, tok, prompts, greedy))
         release(engine)  # one model in memory at a time
     write_jsonl(out / "responses.jsonl", [{"id": i, "prompt": p, "response_a": a, "response_b": b}
                                           for i, p, a, b in zip(ids, prompts, *answers)])
-    engine, tok = load_engine(judge_model, judge_adapter, batch_size=batch_size, seed=seed)
+    engine, tok = load_engine(judge_model, judge_adapter, batch_size=batch_size, seed=seed, **serving)
     try:
         summary = head_to_head(prompts, answers[0], answers[1], engine, tok, template, judge_mode,
                                Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max(max_new_tokens, 160)),

@@ -29,7 +29,8 @@ from typing import Optional, Union
 from srlm.data.chat import encode_prompt
 from srlm.data.records import JsonlAppender, iter_jsonl, write_json, write_jsonl
 from srlm.inference.engine import Engine, Sampling
-from srlm.inference.loading import load_engine, release, resolve_model
+from srlm.inference.loading import (BACKEND, GPU_MEMORY_UTILIZATION, TENSOR_PARALLEL_SIZE, load_engine, release,
+                                   resolve_model)
 from srlm.metrics.ifeval import check_response, format_table, ifeval_metrics, load_ifeval, setup_checkers
 from srlm.models.backbone import DEFAULT_MODEL
 
@@ -122,7 +123,8 @@ def evaluate_ifeval_with(engine: Engine, tokenizer, items: list[dict], output_di
 
 def ifeval(model: str = DEFAULT_MODEL, prompts: str = "seed:ifeval_dev.jsonl", output_dir: str = "runs/ifeval",
            adapter: Optional[str] = None, max_new_tokens: int = 256, batch_size: int = 16,
-           max_prompts: Optional[int] = None) -> dict:
+           max_prompts: Optional[int] = None, backend: str = BACKEND, tensor_parallel_size: int = TENSOR_PARALLEL_SIZE,
+           gpu_memory_utilization: Optional[float] = GPU_MEMORY_UTILIZATION) -> dict:
     """IFEval: how well a model follows verifiable instructions, checked by code (no judge).
 
     Answers each prompt once, greedily, and applies IFEval's instruction checkers. Writes
@@ -140,10 +142,15 @@ def ifeval(model: str = DEFAULT_MODEL, prompts: str = "seed:ifeval_dev.jsonl", o
         max_new_tokens: longest response in tokens (greedy decoding).
         batch_size: prompts per generation batch.
         max_prompts: evaluate only the first this many prompts.
+        backend: native (srlm's engine) or vllm.
+        tensor_parallel_size: vLLM: GPUs one model is split over.
+        gpu_memory_utilization: vLLM: share of device memory reserved (CPU: of system RAM; None: 0.9 GPU, 0.15 CPU).
     """
     items = load_ifeval(prompts, max_prompts)
     base, adapter = resolve_model(model, adapter)
-    engine, tokenizer = load_engine(base, adapter, batch_size=batch_size)
+    engine, tokenizer = load_engine(base, adapter, batch_size=batch_size, backend=backend,
+                                    tensor_parallel_size=tensor_parallel_size,
+                                    gpu_memory_utilization=gpu_memory_utilization)
     try:
         metrics = evaluate_ifeval_with(engine, tokenizer, items, output_dir, max_new_tokens, model=base,
                                        adapter=adapter)

@@ -21,7 +21,8 @@ from typing import Optional, Union
 
 from srlm.data.oasst import read_ranked as load_ranked
 from srlm.data.records import RankedPrompt, write_json, write_jsonl
-from srlm.inference.loading import load_engine, release, resolve_model
+from srlm.inference.loading import (BACKEND, GPU_MEMORY_UTILIZATION, TENSOR_PARALLEL_SIZE, load_engine, release,
+                                   resolve_model)
 from srlm.metrics.reward_scores import reward_metrics_from_scores
 from srlm.models.backbone import DEFAULT_MODEL
 from srlm.prompts import JUDGE_TEMPLATE, PromptTemplate, load_template
@@ -84,7 +85,9 @@ def evaluate_reward(model: str = DEFAULT_MODEL, adapter: Optional[str] = None, e
                     output_dir: str = "runs/eval", judge_mode: str = "logit", samples: int = JUDGE_SAMPLES,
                     judge_template: str = JUDGE_TEMPLATE, max_new_tokens: int = JUDGE_SAMPLING.max_new_tokens,
                     batch_size: int = 8,
-                    max_prompts: Optional[int] = None, seed: int = 0) -> dict:
+                    max_prompts: Optional[int] = None, seed: int = 0, backend: str = BACKEND,
+                    tensor_parallel_size: int = TENSOR_PARALLEL_SIZE,
+                    gpu_memory_utilization: Optional[float] = GPU_MEMORY_UTILIZATION) -> dict:
     """Reward-modelling metrics of a model judging human-ranked replies (the paper's EFT eval table).
 
     Writes ``output_dir/reward_scores.jsonl`` (one row per reply) and ``output_dir/reward_metrics.json``
@@ -104,10 +107,15 @@ def evaluate_reward(model: str = DEFAULT_MODEL, adapter: Optional[str] = None, e
         batch_size: judge prompts per forward.
         max_prompts: evaluate only the first this many prompts.
         seed: sampling seed (generative).
+        backend: native (srlm's engine) or vllm.
+        tensor_parallel_size: vLLM: GPUs one model is split over.
+        gpu_memory_utilization: vLLM: share of device memory reserved (CPU: of system RAM; None: 0.9 GPU, 0.15 CPU).
     """
     ranked = load_ranked(eval_file, max_prompts)
     base, adapter = resolve_model(model, adapter)
-    engine, tokenizer = load_engine(base, adapter, batch_size=batch_size, seed=seed)
+    engine, tokenizer = load_engine(base, adapter, batch_size=batch_size, seed=seed, backend=backend,
+                                    tensor_parallel_size=tensor_parallel_size,
+                                    gpu_memory_utilization=gpu_memory_utilization)
     try:
         return evaluate_reward_with(engine, tokenizer, ranked, output_dir, judge_mode, samples,
                                     dataclasses.replace(JUDGE_SAMPLING, max_new_tokens=max_new_tokens),

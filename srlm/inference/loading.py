@@ -4,18 +4,24 @@ A model trained by srlm is exported as a peft adapter folder holding ``adapter_c
 ``srlm_lineage.json`` (which names the base model). Evaluation commands accept such a folder, or
 a run folder that contains one under ``model/`` (``runs/x/m1``, ``runs/x/iter_2``), in place of
 ``model``, so that nobody has to repeat the base model by hand.
+
+``load_engine`` is the one way the loop, the commands and evaluation get an engine: ``backend`` picks
+the native engine (srlm/inference/engine.py) or vLLM (srlm/inference/vllm_engine.py, imported only then);
+both answer ``generate`` and ``next_token_logprobs``, and ``release`` frees either.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from srlm.models.backbone import LINEAGE_FILE, is_full_model, load_for_inference, load_tokenizer
+from srlm.models.backbone import (LINEAGE_FILE, is_full_model, load_for_inference, load_tokenizer,
+                                  resolve_model_path)
 from srlm.inference.engine import Engine
 
 
@@ -44,12 +50,29 @@ def resolve_model(model: str, adapter: Optional[str] = None) -> tuple[str, Optio
     return str(base), str(folder)
 
 
+BACKENDS = ("native", "vllm")
+BACKEND = "native"
+"""The default inference backend: srlm's own engine (vllm: pip install 'srlm[vllm]')."""
+TENSOR_PARALLEL_SIZE = 1
+"""vLLM: GPUs one model is split over (the native engine runs on one device)."""
+GPU_MEMORY_UTILIZATION: Optional[float] = None
+"""vLLM: share of the device's memory it reserves; None: 0.9 of a GPU, 0.15 of system RAM on CPU (vllm_engine.py)."""
+
+
 def load_engine(model: str, adapter: Optional[str] = None, batch_size: int = 8, seed: int = 0,
                 dtype: str = "auto", device: Optional[torch.device] = None, trust_remote_code: bool = False,
-                load_in_4bit: bool = False) -> tuple[Engine, object]:
+                load_in_4bit: bool = False, backend: str = BACKEND, tensor_parallel_size: int = TENSOR_PARALLEL_SIZE,
+                gpu_memory_utilization: Optional[float] = GPU_MEMORY_UTILIZATION) -> tuple[Engine, object]:
     """Load ``model`` (+ ``adapter``) for inference on ``device`` (default: the GPU when there is one); returns
-    ``(engine, tokenizer)``. ``load_in_4bit``: the 4-bit base a QLoRA run trains (bitsandbytes places it)."""
+    ``(engine, tokenizer)``. ``load_in_4bit``: the 4-bit base a QLoRA run trains (bitsandbytes places it).
+    ``backend``: ``native`` or ``vllm`` (which places the model itself and serves a 4-bit run's model merged in
+    full precision); ``tensor_parallel_size`` and ``gpu_memory_utilization`` are vLLM's."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend '{backend}': expected one of {', '.join(BACKENDS)}")
     base, adapter = resolve_model(model, adapter)
+    if backend == "vllm":
+        return _load_vllm(base, adapter, batch_size, seed, dtype, trust_remote_code, tensor_parallel_size,
+                          gpu_memory_utilization)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = load_for_inference(base, adapter, dtype, trust_remote_code, load_in_4bit=load_in_4bit)
     if not load_in_4bit:
@@ -59,8 +82,31 @@ def load_engine(model: str, adapter: Optional[str] = None, batch_size: int = 8, 
     return engine, tokenizer
 
 
+def _load_vllm(base: str, adapter: Optional[str], batch_size: int, seed: int, dtype: str, trust_remote_code: bool,
+               tensor_parallel_size: int, gpu_memory_utilization: Optional[float]):
+    from srlm.inference.vllm_engine import VLLMEngine, _import_vllm, merged_folder
+
+    _import_vllm()  # fail before merging anything when vLLM is not installed
+    tokenizer = load_tokenizer(base, trust_remote_code)
+    # an adapter is merged into a folder once per engine (per iteration in the loop); release deletes it
+    folder = merged_folder(base, adapter, dtype, trust_remote_code) if adapter is not None else None
+    try:
+        engine = VLLMEngine(str(folder) if folder is not None else resolve_model_path(base), [tokenizer.eos_token_id],
+                            batch_size=batch_size, seed=seed, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                            gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
+                            owned_folder=folder)
+    except BaseException:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return engine, tokenizer
+
+
 def release(engine: Engine) -> None:
-    """Drop the engine's model so that the next one fits in GPU memory."""
+    """Drop the engine's model so that the next one fits in memory (a vLLM engine is shut down)."""
+    if hasattr(engine, "release"):
+        engine.release()
+        return
     engine.model = None
     gc.collect()
     if torch.cuda.is_available():

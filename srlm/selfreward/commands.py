@@ -16,7 +16,7 @@ from srlm.data.datamodule import load_sft_file, resolve_path
 from srlm.data.records import read_jsonl
 from srlm.inference.engine import Sampling
 from srlm.inference.judge import JUDGE_SAMPLES, JUDGE_SAMPLING, make_judge
-from srlm.inference.loading import load_engine
+from srlm.inference.loading import BACKEND, GPU_MEMORY_UTILIZATION, TENSOR_PARALLEL_SIZE, load_engine, release
 from srlm.models.backbone import DEFAULT_MODEL
 from srlm.prompts import JUDGE_TEMPLATE, load_template
 from srlm.selfreward import steps
@@ -30,7 +30,8 @@ def generate_prompts(output: str, num_prompts: int = Defaults.num_prompts, model
                      few_shot: int = Defaults.few_shot, template: str = Defaults.prompt_template,
                      temperature: float = PROMPT_SAMPLING.temperature, top_p: float = PROMPT_SAMPLING.top_p,
                      max_new_tokens: int = PROMPT_SAMPLING.max_new_tokens, batch_size: int = Defaults.batch_size,
-                     seed: int = Defaults.seed) -> dict:
+                     seed: int = Defaults.seed, backend: str = BACKEND, tensor_parallel_size: int = TENSOR_PARALLEL_SIZE,
+                     gpu_memory_utilization: Optional[float] = GPU_MEMORY_UTILIZATION) -> dict:
     """Write new prompts by few-shot prompting.
 
     Args:
@@ -46,12 +47,20 @@ def generate_prompts(output: str, num_prompts: int = Defaults.num_prompts, model
         max_new_tokens: longest new prompt in tokens.
         batch_size: requests per generate call.
         seed: seed.
+        backend: native (srlm's engine) or vllm.
+        tensor_parallel_size: vLLM: GPUs one model is split over.
+        gpu_memory_utilization: vLLM: share of device memory reserved (CPU: of system RAM; None: 0.9 GPU, 0.15 CPU).
     """
-    engine, tok = load_engine(model, adapter, batch_size, seed)
     seeds = [ex.prompt for ex in load_sft_file(seed_prompts_file)]
-    stats = steps.generate_prompts(engine, tok, seeds, load_template(template, "examples"), resolve_path(output),
-                                   target=num_prompts, few_shot=few_shot, seed=seed,
-                                   sampling=Sampling(temperature, top_p, max_new_tokens), requests_per_batch=batch_size)
+    engine, tok = load_engine(model, adapter, batch_size, seed, backend=backend,
+                              tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization)
+    try:
+        stats = steps.generate_prompts(engine, tok, seeds, load_template(template, "examples"), resolve_path(output),
+                                       target=num_prompts, few_shot=few_shot, seed=seed,
+                                       sampling=Sampling(temperature, top_p, max_new_tokens),
+                                       requests_per_batch=batch_size)
+    finally:
+        release(engine)
     print(stats)
     return stats
 
@@ -59,7 +68,9 @@ def generate_prompts(output: str, num_prompts: int = Defaults.num_prompts, model
 def generate_candidates(prompts: str, output: str, model: str = DEFAULT_MODEL, adapter: Optional[str] = None,
                         n: int = Defaults.num_candidates, temperature: float = CANDIDATE_SAMPLING.temperature,
                         top_p: float = CANDIDATE_SAMPLING.top_p, max_new_tokens: int = CANDIDATE_SAMPLING.max_new_tokens,
-                        batch_size: int = Defaults.batch_size, seed: int = Defaults.seed) -> dict:
+                        batch_size: int = Defaults.batch_size, seed: int = Defaults.seed,
+                        backend: str = BACKEND, tensor_parallel_size: int = TENSOR_PARALLEL_SIZE,
+                        gpu_memory_utilization: Optional[float] = GPU_MEMORY_UTILIZATION) -> dict:
     """Sample N responses per prompt.
 
     Args:
@@ -73,10 +84,17 @@ def generate_candidates(prompts: str, output: str, model: str = DEFAULT_MODEL, a
         max_new_tokens: longest response in tokens.
         batch_size: prompts per generate call.
         seed: seed.
+        backend: native (srlm's engine) or vllm.
+        tensor_parallel_size: vLLM: GPUs one model is split over.
+        gpu_memory_utilization: vLLM: share of device memory reserved (CPU: of system RAM; None: 0.9 GPU, 0.15 CPU).
     """
-    engine, tok = load_engine(model, adapter, batch_size, seed)
-    stats = steps.generate_candidates(engine, tok, read_jsonl(resolve_path(prompts)), resolve_path(output), n=n,
-                                      sampling=Sampling(temperature, top_p, max_new_tokens))
+    engine, tok = load_engine(model, adapter, batch_size, seed, backend=backend,
+                              tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization)
+    try:
+        stats = steps.generate_candidates(engine, tok, read_jsonl(resolve_path(prompts)), resolve_path(output), n=n,
+                                          sampling=Sampling(temperature, top_p, max_new_tokens))
+    finally:
+        release(engine)
     print(stats)
     return stats
 
@@ -85,7 +103,8 @@ def judge(candidates: str, output: str, model: str = DEFAULT_MODEL, adapter: Opt
           mode: str = Defaults.judge_mode, samples: int = JUDGE_SAMPLES, template: str = JUDGE_TEMPLATE,
           temperature: float = JUDGE_SAMPLING.temperature, top_p: float = JUDGE_SAMPLING.top_p,
           max_new_tokens: int = JUDGE_SAMPLING.max_new_tokens, batch_size: int = Defaults.batch_size,
-          seed: int = Defaults.seed) -> dict:
+          seed: int = Defaults.seed, backend: str = BACKEND, tensor_parallel_size: int = TENSOR_PARALLEL_SIZE,
+          gpu_memory_utilization: Optional[float] = GPU_MEMORY_UTILIZATION) -> dict:
     """Score every candidate with the judge template.
 
     Args:
@@ -101,11 +120,18 @@ def judge(candidates: str, output: str, model: str = DEFAULT_MODEL, adapter: Opt
         max_new_tokens: longest judgement (generative).
         batch_size: judge prompts per forward.
         seed: seed.
+        backend: native (srlm's engine) or vllm.
+        tensor_parallel_size: vLLM: GPUs one model is split over.
+        gpu_memory_utilization: vLLM: share of device memory reserved (CPU: of system RAM; None: 0.9 GPU, 0.15 CPU).
     """
-    engine, tok = load_engine(model, adapter, batch_size, seed)
-    j = make_judge(mode, engine, tok, load_template(template, "question", "response"), samples,
-                   Sampling(temperature, top_p, max_new_tokens))
-    stats = steps.judge_candidates(j, read_jsonl(resolve_path(candidates)), resolve_path(output))
+    engine, tok = load_engine(model, adapter, batch_size, seed, backend=backend,
+                              tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization)
+    try:
+        j = make_judge(mode, engine, tok, load_template(template, "question", "response"), samples,
+                       Sampling(temperature, top_p, max_new_tokens))
+        stats = steps.judge_candidates(j, read_jsonl(resolve_path(candidates)), resolve_path(output))
+    finally:
+        release(engine)
     print(stats)
     return stats
 

@@ -8,6 +8,7 @@ from typing import Optional
 from srlm.data.pair_config import PairDataConfig
 from srlm.inference.engine import Sampling
 from srlm.inference.judge import JUDGE_MODES, JUDGE_SAMPLES, JUDGE_SAMPLING
+from srlm.inference.loading import BACKEND, BACKENDS, GPU_MEMORY_UTILIZATION, TENSOR_PARALLEL_SIZE
 from srlm.models.dpo import DPOConfig
 from srlm.prompts import JUDGE_TEMPLATE
 
@@ -80,6 +81,13 @@ class SelfRewardConfig:
     """Prompts per generate call (each with its N samples)."""
     seed: int = 0
     """Seed for few-shot sampling and generation."""
+    backend: str = BACKEND
+    """What generates and judges: ``native`` (srlm's engine) or ``vllm`` (pip install 'srlm[vllm]'; M_t merged once
+    per iteration, vLLM shut down before each training phase; its candidates' reference log-probs are recomputed)."""
+    tensor_parallel_size: int = TENSOR_PARALLEL_SIZE
+    """vLLM: GPUs one model is split over."""
+    gpu_memory_utilization: Optional[float] = GPU_MEMORY_UTILIZATION
+    """vLLM: share of the device's memory it reserves (on CPU, of system RAM); None: 0.9 on a GPU, 0.15 on CPU."""
 
     @property
     def judging(self) -> str:
@@ -92,6 +100,8 @@ class SelfRewardConfig:
         if self.meta_judge and self.judge_samples < 2:
             raise ValueError("self_reward.meta_judge compares a candidate's judgements with each other: it needs "
                              f"judge_samples >= 2 (got {self.judge_samples})")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"self_reward.backend: expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.rejected_from not in ("current", "m1", "sft"):
             raise ValueError(f"self_reward.rejected_from: expected current, m1 or sft, got {self.rejected_from!r}")
         if not 0.0 <= self.meta_judge_share < 1.0:

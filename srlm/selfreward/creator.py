@@ -32,7 +32,7 @@ from srlm.data.datamodule import load_sft_file
 from srlm.data.records import write_json, write_jsonl
 from srlm.inference.engine import Engine
 from srlm.inference.judge import make_judge
-from srlm.inference.loading import load_engine
+from srlm.inference.loading import load_engine, release
 from srlm.models.backbone import BackboneConfig
 from srlm.prompts import load_template
 from srlm.seeds import derive_seed
@@ -64,6 +64,7 @@ class InstructionCreator:
         self.device = device or torch.device("cpu")
         self.show_progress = show_progress
         self.summary: dict[str, dict] = {}
+        self._loaded: list = []  # the engines ensure loaded, released when it ends
 
     def phase(self, name: str) -> str:
         return f"iter_{self.t}/{name}"
@@ -92,10 +93,14 @@ class InstructionCreator:
 
     def _engine(self, model_dir: Optional[str], seed: Optional[int] = None) -> tuple[Engine, object]:
         # a QLoRA run generates from the same 4-bit model it trains (its reference is that model too)
-        b = self.backbone
-        return load_engine(b.model_name_or_path, model_dir, batch_size=self.config.batch_size,
-                           seed=self.seed if seed is None else seed, dtype=b.dtype, device=self.device,
-                           trust_remote_code=b.trust_remote_code, load_in_4bit=b.load_in_4bit)
+        b, c = self.backbone, self.config
+        loaded = load_engine(b.model_name_or_path, model_dir, batch_size=c.batch_size,
+                             seed=self.seed if seed is None else seed, dtype=b.dtype, device=self.device,
+                             trust_remote_code=b.trust_remote_code, load_in_4bit=b.load_in_4bit, backend=c.backend,
+                             tensor_parallel_size=c.tensor_parallel_size,
+                             gpu_memory_utilization=c.gpu_memory_utilization)
+        self._loaded.append(loaded)
+        return loaded
 
     def _log(self, name: str, stats: dict) -> None:
         self.summary[name] = stats
@@ -113,7 +118,7 @@ class InstructionCreator:
         stats = steps.generate_candidates(engine, anchor_tok, prompts, paths[0], n=c.num_candidates,
                                           sampling=c.candidate_sampling, show_progress=self.show_progress, tag="a")
         self._log("anchor candidates", stats)
-        del engine
+        release(engine)
         anchors = steps.existing(paths[0])
         judge = make_judge(c.judging, judge_engine, tok, load_template(c.judge_template, "question", "response"),
                            c.judge_samples, c.judge_sampling)
@@ -126,11 +131,25 @@ class InstructionCreator:
         something is missing); returns the per-phase summaries."""
         if self.complete():
             return self.counts()
-        c, model_dir = self.config, str(model_dir)
+        model_dir = str(model_dir)
         dist.barrier()  # rank 0 has exported M_t
         self.dir.mkdir(parents=True, exist_ok=True)
         self.verify()  # the files of phases done earlier are read below: they must be the recorded ones
         files = {p: self.dir / f"{p}.jsonl" for p in PHASES}
+        try:
+            self._create(model_dir, files)
+        finally:  # every engine this call loaded is shut down: a vLLM engine's memory returns before the next fit
+            for engine, _ in self._loaded:
+                release(engine)
+            self._loaded = []
+        summary = self.counts()
+        if dist.is_rank0():
+            write_json(self.dir / "metrics.json", {"iteration": self.t, "model": model_dir, **summary})
+        return summary
+
+    def _create(self, model_dir: str, files: dict) -> None:
+        """The phases ``ensure`` finds missing, in order."""
+        c = self.config
         current = None
         if not self.run_dir.done(self.phase("prompts")):
             seed_prompts = [ex.prompt for ex in load_sft_file(c.seed_prompts_file)]
@@ -145,6 +164,8 @@ class InstructionCreator:
                                            show_progress=self.show_progress)
             self._log("prompts", stats)
             self.run_dir.mark_done(self.phase("prompts"), stats, [files["prompts"]])
+            if current is None:
+                release(engine)  # the base model's: one model in memory at a time
         prompts = steps.existing(files["prompts"])
         if not self.run_dir.done(self.phase("candidates")):
             current = current or self._engine(model_dir)
@@ -199,10 +220,6 @@ class InstructionCreator:
                 written.append(self.dir / JUDGE_PAIRS)
             self._log("pairs", stats)
             self.run_dir.mark_done(self.phase("pairs"), stats, written)
-        summary = self.counts()
-        if dist.is_rank0():
-            write_json(self.dir / "metrics.json", {"iteration": self.t, "model": model_dir, **summary})
-        return summary
 
 
 class SelfRewardCallback(L.Callback):

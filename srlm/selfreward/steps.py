@@ -223,6 +223,8 @@ def harvests_exactly(model) -> bool:
     5e-4 nats per sequence; bf16 by up to 1.0 and 4-bit NF4 by up to 0.9, far more than the 0.05 a
     DPO margin bears at beta 0.1, so in those precisions the DPO round computes its reference instead.
     """
+    if not isinstance(model, torch.nn.Module):  # a serving engine's (vLLM): not the training forward, recomputed
+        return False
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         return False
     return all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())
