@@ -5,6 +5,9 @@ What makes it fast (public replications sampled one sequence at a time):
 - each prompt's prefill runs once and its key/values are repeated for its N samples;
 - the token prefix shared by every prompt of a call (the judge rubric, the few-shot header, the
   chat template's system turn) is computed once and reused by every batch of that call;
+- below it, a second level of a prefix tree: prompts of a batch that share more than that (a
+  judge's prompts for the replies to one question share the question) compute their shared part
+  once per batch, and scoring batches are formed so that such groups fall in the same batch;
 - rows that reached end-of-turn leave the batch, so the cost follows the live sequences.
 
 Each sample also carries the log-probability of its tokens under the model's *unprocessed* logits
@@ -55,6 +58,58 @@ def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
             i += 1
         n = i
     return n
+
+
+def group_prompts(prompts: Sequence[Sequence[int]], start: int, min_shared: int,
+                  max_rows: Optional[int] = None) -> list[tuple[list[int], int]]:
+    """Partition prompt indices into groups that share a prefix beyond ``start``: [(indices, shared), ...].
+
+    ``shared`` counts the group's tokens after ``start`` common to all its members, kept at least one
+    token short of its shortest member; a group of one, or one whose members share fewer than
+    ``min_shared`` tokens, has ``shared`` 0. Prompts are sorted by their tokens, so those that share
+    a prefix are neighbours, and the cut into groups of at most ``max_rows`` maximises the tokens
+    not recomputed, sum of (members - 1) x shared (dynamic programming over the sorted order).
+    Deterministic: the same prompts give the same groups.
+    """
+    order = sorted(range(len(prompts)), key=lambda i: (list(prompts[i][start:]), i))
+    n = len(order)
+    cap = n if max_rows is None else max(1, max_rows)
+    # lcp[j]: tokens after start shared by the sorted neighbours j and j + 1
+    lcp = []
+    for a, b in zip(order, order[1:]):
+        pa, pb = prompts[a], prompts[b]
+        k, top = start, min(len(pa), len(pb))
+        while k < top and pa[k] == pb[k]:
+            k += 1
+        lcp.append(k - start)
+    best = [0] * (n + 1)  # best[j]: most tokens saved by a cut of the first j sorted prompts
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        best[j], cut[j] = best[j - 1], j - 1  # prompt j - 1 alone
+        shared, shortest = None, len(prompts[order[j - 1]])
+        for i in range(j - 2, max(-1, j - 1 - cap), -1):  # group = sorted[i:j]
+            shared = lcp[i] if shared is None else min(shared, lcp[i])
+            shortest = min(shortest, len(prompts[order[i]]))
+            usable = min(shared, shortest - start - 1)
+            if usable < min_shared:
+                if shared < min_shared:
+                    break  # longer groups share even less
+                continue
+            gain = best[i] + (j - 1 - i) * usable
+            if gain > best[j]:
+                best[j], cut[j] = gain, i
+    groups, j = [], n
+    while j > 0:
+        i = cut[j]
+        members = order[i:j]
+        shared = 0
+        if len(members) > 1:
+            shortest = min(len(prompts[m]) for m in members)
+            shared = min(min(lcp[i:j - 1]), shortest - start - 1)
+        groups.append((sorted(members), shared if shared >= min_shared else 0))
+        j = i
+    groups.reverse()
+    return groups
 
 
 def _nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -111,17 +166,24 @@ class Engine:
         batch_size: prompts per forward; with N samples each, a batch has batch_size * N rows.
         share_prefix: compute the token prefix common to all prompts of a call once.
         min_prefix: shortest common prefix worth caching.
+        share_groups: with ``share_prefix``, also compute once per batch what groups of its prompts share
+            beyond the common prefix (the second level of the prefix tree), and form scoring batches so
+            that such groups fall in the same batch.
+        min_group: fewest shared tokens for which a group's prefix is computed once.
         seed: seed of the sampling generator.
         max_batch_tokens: scoring (``next_token_logprobs``) batches hold at most this many padded prompt tokens.
     """
 
     def __init__(self, model, eos_ids: Sequence[int], pad_id: int, batch_size: int = 8, share_prefix: bool = True,
-                 min_prefix: int = 16, seed: int = 0, max_batch_tokens: int = 8192):
+                 min_prefix: int = 16, seed: int = 0, max_batch_tokens: int = 8192, share_groups: bool = True,
+                 min_group: int = 4):
         self.model, self.eos_ids, self.pad_id = model, set(int(i) for i in eos_ids), pad_id
+        self.share_groups, self.min_group = share_prefix and share_groups, min_group
         self.max_batch_tokens = max_batch_tokens
         self.batch_size, self.share_prefix, self.min_prefix, self.seed = batch_size, share_prefix, min_prefix, seed
         self.device = next(model.parameters()).device
-        self.stats = {"prefill_tokens": 0, "prefix_tokens_reused": 0, "decode_steps": 0, "generated_tokens": 0}
+        self.stats = {"prefill_tokens": 0, "prefix_tokens_reused": 0, "decode_steps": 0, "generated_tokens": 0,
+                      "group_tokens_reused": 0}
         # Prefill needs the logits of the last position only: the vocabulary projection of every other
         # position is about a fifth of a small model's prefill work.
         # A peft model's forward takes **kwargs and hands them to the model it wraps: look at that one.
@@ -149,6 +211,9 @@ class Engine:
 
         The cache reserves room for ``new_tokens`` more positions.
         """
+        groups = group_prompts(prompts, prefix_len, self.min_group) if self.share_groups and len(prompts) > 1 else []
+        if any(shared for _, shared in groups):
+            return self._tree_prefill(prompts, prefix_len, prefix_layers, groups, new_tokens)
         suffixes = [list(p[prefix_len:]) for p in prompts]
         width = max(len(s) for s in suffixes)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -170,6 +235,95 @@ class Engine:
         self.stats["prefill_tokens"] += int(sum(len(s) for s in suffixes))
         return out.logits[:, -1], _cache_of(out), mask, positions[:, -1]
 
+    def _left_padded(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) of the sequences left-padded to the longest; an empty sequence is all padding."""
+        width = max(1, max(len(s) for s in seqs))
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            if len(s):
+                ids[row, width - len(s):] = torch.tensor(list(s))
+                mask[row, width - len(s):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _tree_prefill(self, prompts: Sequence[Sequence[int]], prefix_len: int, prefix_layers,
+                      groups: list[tuple[list[int], int]], new_tokens: int):
+        """``_prefill`` with a prefix tree: common prefix, then each group's shared part, then each prompt's rest.
+
+        One forward computes the shared part of every group (left-padded, after the common prefix); a
+        second computes every prompt's rest, each row over the key/values of the common prefix and of
+        its group's part. The cache of a row is [common prefix | its group's part, left-padded | its rest,
+        left-padded]: padding in the middle is masked out as the common-prefix layout already does.
+        """
+        b, shared_groups = len(prompts), [(members, n) for members, n in groups if n]
+        group_of = [-1] * b  # row -> index in shared_groups, -1 for rows without a shared part
+        for g, (members, _) in enumerate(shared_groups):
+            for i in members:
+                group_of[i] = g
+        parts = [list(prompts[members[0]][prefix_len:prefix_len + n]) for members, n in shared_groups]
+        # 1. the groups' shared parts, one row per group
+        g_ids, g_mask = self._left_padded(parts)
+        g_width, rows = g_ids.shape[1], len(parts)
+        cache = reserved_cache(self.model.config, reserve=g_width if prefix_layers is not None else 0)
+        if prefix_layers is not None:
+            for layer, (k, v) in zip(cache.layers, prefix_layers):
+                layer.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
+            g_mask = torch.cat([torch.ones((rows, prefix_len), dtype=torch.long, device=self.device), g_mask], 1)
+        g_pos = (prefix_len + g_mask[:, prefix_len:].cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=g_ids, attention_mask=g_mask, position_ids=g_pos, use_cache=True,
+                         **{self._cache_kw: cache}, **self._last_only)
+        group_layers = [(layer.keys, layer.values) for layer in _cache_of(out).layers]
+        self.stats["prefill_tokens"] += sum(len(p) for p in parts)
+        # 2. each prompt's rest, over the common prefix and its group's part
+        lens = [shared_groups[g][1] if g >= 0 else 0 for g in group_of]
+        suffixes = [list(p[prefix_len + n:]) for p, n in zip(prompts, lens)]
+        ids, mask = self._left_padded(suffixes)
+        width = ids.shape[1]
+        dummy = torch.tensor([g < 0 for g in group_of], device=self.device)
+        index = torch.tensor([max(g, 0) for g in group_of], device=self.device)
+        row_mask = g_mask.index_select(0, index).masked_fill(dummy[:, None], 0)
+        row_mask[:, :prefix_len] = 1
+        cache = reserved_cache(self.model.config, reserve=new_tokens + width)
+        for layer, (k, v) in zip(cache.layers, group_layers):
+            k, v = k.index_select(0, index), v.index_select(0, index)
+            # rows without a shared part see zeros there (masked; zeros keep the masked scores finite)
+            k[dummy, :, prefix_len:] = 0
+            v[dummy, :, prefix_len:] = 0
+            layer.update(k, v)
+        mask = torch.cat([row_mask, mask], 1)
+        positions = (prefix_len + torch.tensor(lens, device=self.device)[:, None]
+                     + mask[:, -width:].cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self._cache_kw: cache}, **self._last_only)
+        self.stats["prefill_tokens"] += sum(len(s) for s in suffixes)
+        self.stats["prefix_tokens_reused"] += prefix_len * b if prefix_layers is not None else 0
+        self.stats["group_tokens_reused"] += sum(lens) - sum(len(p) for p in parts)
+        return out.logits[:, -1], _cache_of(out), mask, positions[:, -1]
+
+    def _tree_chunks(self, prompts: Sequence[Sequence[int]], start: int, size: int, max_tokens: Optional[int]):
+        """Scoring batches that keep each group of prompts sharing a prefix (beyond ``start``) together.
+
+        Groups are taken longest first, as ``_chunks`` takes prompts; a batch is closed when the next
+        group does not fit in its rows (rows x longest <= max_tokens), and a group larger than a batch
+        is split.
+        """
+        groups = [members for members, _ in group_prompts(prompts, start, self.min_group, size)]
+        longest = lambda members: max(len(prompts[i]) for i in members)  # noqa: E731
+        groups.sort(key=lambda members: (-longest(members), members[0]))
+        chunk, cap = [], size
+        for members in groups:
+            if chunk and len(chunk) + len(members) > cap:
+                yield chunk
+                chunk = []
+            if not chunk:
+                cap = size if max_tokens is None else max(1, min(size, max_tokens // max(1, longest(members))))
+            while len(members) > cap:  # only when the token bound leaves fewer rows than the group has
+                yield members[:cap]
+                members = members[cap:]
+            chunk += members
+        if chunk:
+            yield chunk
+
     def _chunks(self, prompts: Sequence[Sequence[int]], size: int, max_tokens: Optional[int] = None):
         """Batches of prompt indices, longest first; with ``max_tokens``, a batch of long prompts has fewer rows
         (rows x longest <= max_tokens), so that its padded prefill and attention stay within bounds."""
@@ -190,7 +344,9 @@ class Engine:
         out: list[Optional[torch.Tensor]] = [None] * len(prompts)
         # Scoring prompts (a judge's: rubric + question + reply) can run to thousands of tokens: batches are
         # bounded by tokens as well as rows. Generation keeps its fixed row partition (its seeds follow it).
-        for chunk in self._chunks(prompts, self.batch_size, self.max_batch_tokens):
+        chunks = (self._tree_chunks(prompts, prefix_len, self.batch_size, self.max_batch_tokens) if self.share_groups
+                  else self._chunks(prompts, self.batch_size, self.max_batch_tokens))
+        for chunk in chunks:
             if skip is not None and skip(list(chunk)):
                 continue
             logits, *_ = self._prefill([prompts[i] for i in chunk], prefix_len, layers)
