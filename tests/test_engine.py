@@ -181,12 +181,13 @@ def test_prefix_tree_changes_nothing(setup):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
     assert tree.stats["prefill_tokens"] < flat.stats["prefill_tokens"]
-    # scoring batches keep a question's replies together, in any order of the prompts
+    # scoring windows keep a question's replies together, in any order of the prompts
     shuffled = [prompts[i] for i in (9, 0, 4, 7, 1, 5, 2, 8, 6, 3)]
-    chunks = list(tree._tree_chunks(shuffled, common_prefix(shuffled), 4, None))
-    assert sorted(i for c in chunks for i in c) == list(range(10))
-    question = {i: q for q, idx in enumerate([(1, 4, 6, 9), (2, 5, 8), (0, 3, 7)]) for i in idx}
-    assert all(len({question[i] for i in c}) == 1 for c in chunks)
+    windows = list(tree._windows(shuffled, common_prefix(shuffled), 2, None, 4))
+    assert sorted(i for _, batches in windows for c in batches for i in c) == list(range(10))
+    questions = [{1, 4, 6, 9}, {2, 5, 8}, {0, 3, 7}]
+    assert sorted(sorted(set(i for c in batches for i in c)) for _, batches in windows) == sorted(map(sorted, questions))
+    assert all(len(c) <= 2 for _, batches in windows for c in batches)
     # generation (its batches cut across questions, so some rows have no group): greedy gives the same tokens;
     # sampled tokens carry the log-probs of a plain forward pass over prompt + sample
     greedy = Sampling(temperature=0, max_new_tokens=8)

@@ -7,7 +7,8 @@ What makes it fast (public replications sampled one sequence at a time):
   chat template's system turn) is computed once and reused by every batch of that call;
 - below it, a second level of a prefix tree: prompts of a batch that share more than that (a
   judge's prompts for the replies to one question share the question) compute their shared part
-  once per batch, and scoring batches are formed so that such groups fall in the same batch;
+  once (per batch when generating; per window of a few batches, with the batches cut by length
+  inside it, when scoring);
 - rows that reached end-of-turn leave the batch, so the cost follows the live sequences.
 
 Each sample also carries the log-probability of its tokens under the model's *unprocessed* logits
@@ -170,15 +171,17 @@ class Engine:
             beyond the common prefix (the second level of the prefix tree), and form scoring batches so
             that such groups fall in the same batch.
         min_group: fewest shared tokens for which a group's prefix is computed once.
+        window: scoring holds the groups' shared parts of ``window`` x ``batch_size`` prompts at a time, and cuts
+            those prompts into batches by length.
         seed: seed of the sampling generator.
         max_batch_tokens: scoring (``next_token_logprobs``) batches hold at most this many padded prompt tokens.
     """
 
     def __init__(self, model, eos_ids: Sequence[int], pad_id: int, batch_size: int = 8, share_prefix: bool = True,
                  min_prefix: int = 16, seed: int = 0, max_batch_tokens: int = 8192, share_groups: bool = True,
-                 min_group: int = 4):
+                 min_group: int = 4, window: int = 8):
         self.model, self.eos_ids, self.pad_id = model, set(int(i) for i in eos_ids), pad_id
-        self.share_groups, self.min_group = share_prefix and share_groups, min_group
+        self.share_groups, self.min_group, self.window = share_prefix and share_groups, min_group, window
         self.max_batch_tokens = max_batch_tokens
         self.batch_size, self.share_prefix, self.min_prefix, self.seed = batch_size, share_prefix, min_prefix, seed
         self.device = next(model.parameters()).device
@@ -207,13 +210,17 @@ class Engine:
         return n, layers
 
     def _prefill(self, prompts: Sequence[Sequence[int]], prefix_len: int, prefix_layers, new_tokens: int = 0):
+        """Prefill of a batch after the common prefix, with its groups' shared parts computed once when it has some."""
+        groups = group_prompts(prompts, prefix_len, self.min_group) if self.share_groups and len(prompts) > 1 else []
+        if any(shared for _, shared in groups):
+            return self._grouped_prefill(prompts, prefix_len, prefix_layers, groups, new_tokens)
+        return self._plain_prefill(prompts, prefix_len, prefix_layers, new_tokens)
+
+    def _plain_prefill(self, prompts: Sequence[Sequence[int]], prefix_len: int, prefix_layers, new_tokens: int = 0):
         """Left-padded prefill of the prompts' suffixes after the shared prefix; logits of the last position.
 
         The cache reserves room for ``new_tokens`` more positions.
         """
-        groups = group_prompts(prompts, prefix_len, self.min_group) if self.share_groups and len(prompts) > 1 else []
-        if any(shared for _, shared in groups):
-            return self._tree_prefill(prompts, prefix_len, prefix_layers, groups, new_tokens)
         suffixes = [list(p[prefix_len:]) for p in prompts]
         width = max(len(s) for s in suffixes)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -246,83 +253,144 @@ class Engine:
                 mask[row, width - len(s):] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _tree_prefill(self, prompts: Sequence[Sequence[int]], prefix_len: int, prefix_layers,
-                      groups: list[tuple[list[int], int]], new_tokens: int):
-        """``_prefill`` with a prefix tree: common prefix, then each group's shared part, then each prompt's rest.
+    def _group_parts(self, parts: Sequence[Sequence[int]], prefix_len: int, prefix_layers):
+        """Key/values of each group's shared part (its tokens after the common prefix), over the common prefix.
 
-        One forward computes the shared part of every group (left-padded, after the common prefix); a
-        second computes every prompt's rest, each row over the key/values of the common prefix and of
-        its group's part. The cache of a row is [common prefix | its group's part, left-padded | its rest,
-        left-padded]: padding in the middle is masked out as the common-prefix layout already does.
+        One left-padded forward per ``batch_size`` parts; for each part, per layer, (keys, values) of
+        shape [heads, part length, head_dim], copied out of the batch so the batch's cache is freed.
         """
-        b, shared_groups = len(prompts), [(members, n) for members, n in groups if n]
-        group_of = [-1] * b  # row -> index in shared_groups, -1 for rows without a shared part
-        for g, (members, _) in enumerate(shared_groups):
-            for i in members:
-                group_of[i] = g
-        parts = [list(prompts[members[0]][prefix_len:prefix_len + n]) for members, n in shared_groups]
-        # 1. the groups' shared parts, one row per group
-        g_ids, g_mask = self._left_padded(parts)
-        g_width, rows = g_ids.shape[1], len(parts)
-        cache = reserved_cache(self.model.config, reserve=g_width if prefix_layers is not None else 0)
-        if prefix_layers is not None:
-            for layer, (k, v) in zip(cache.layers, prefix_layers):
-                layer.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
-            g_mask = torch.cat([torch.ones((rows, prefix_len), dtype=torch.long, device=self.device), g_mask], 1)
-        g_pos = (prefix_len + g_mask[:, prefix_len:].cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=g_ids, attention_mask=g_mask, position_ids=g_pos, use_cache=True,
-                         **{self._cache_kw: cache}, **self._last_only)
-        group_layers = [(layer.keys, layer.values) for layer in _cache_of(out).layers]
-        self.stats["prefill_tokens"] += sum(len(p) for p in parts)
-        # 2. each prompt's rest, over the common prefix and its group's part
-        lens = [shared_groups[g][1] if g >= 0 else 0 for g in group_of]
+        out = []
+        for begin in range(0, len(parts), max(1, self.batch_size)):
+            batch = parts[begin:begin + max(1, self.batch_size)]
+            ids, mask = self._left_padded(batch)
+            rows, width = ids.shape
+            positions = (prefix_len + mask.cumsum(-1) - 1).clamp(min=0)
+            cache = reserved_cache(self.model.config, reserve=width if prefix_layers is not None else 0)
+            head = 0
+            if prefix_layers is not None:
+                for layer, (k, v) in zip(cache.layers, prefix_layers):
+                    layer.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1))
+                mask = torch.cat([torch.ones((rows, prefix_len), dtype=torch.long, device=self.device), mask], 1)
+                head = prefix_len
+            result = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                **{self._cache_kw: cache}, **self._last_only)
+            layers = [(layer.keys, layer.values) for layer in _cache_of(result).layers]
+            for row, part in enumerate(batch):
+                at = head + width - len(part)
+                out.append([(k[row, :, at:at + len(part)].clone(), v[row, :, at:at + len(part)].clone())
+                            for k, v in layers])
+            self.stats["prefill_tokens"] += sum(len(p) for p in batch)
+        return out
+
+    def _tree_prefill(self, prompts: Sequence[Sequence[int]], prefix_len: int, prefix_layers,
+                      parts: Sequence[Optional[list]], new_tokens: int = 0):
+        """``_prefill`` for prompts whose groups' shared parts are computed (``_group_parts``; None: no part).
+
+        The cache of a row is [common prefix | its group's part, left-padded | its rest, left-padded]:
+        padding in the middle is masked out, as the common-prefix layout already does, and holds zeros
+        (finite scores under the mask).
+        """
+        b = len(prompts)
+        lens = [0 if part is None else part[0][0].shape[1] for part in parts]
+        g_width = max(lens)
         suffixes = [list(p[prefix_len + n:]) for p, n in zip(prompts, lens)]
         ids, mask = self._left_padded(suffixes)
         width = ids.shape[1]
-        dummy = torch.tensor([g < 0 for g in group_of], device=self.device)
-        index = torch.tensor([max(g, 0) for g in group_of], device=self.device)
-        row_mask = g_mask.index_select(0, index).masked_fill(dummy[:, None], 0)
-        row_mask[:, :prefix_len] = 1
+        head = prefix_len if prefix_layers is not None else 0
+        g_mask = torch.zeros((b, head + g_width), dtype=torch.long, device=self.device)
+        g_mask[:, :head] = 1
+        for row, n in enumerate(lens):
+            g_mask[row, head + g_width - n:] = 1
+        some = next(part for part in parts if part is not None)
         cache = reserved_cache(self.model.config, reserve=new_tokens + width)
-        for layer, (k, v) in zip(cache.layers, group_layers):
-            k, v = k.index_select(0, index), v.index_select(0, index)
-            # rows without a shared part see zeros there (masked; zeros keep the masked scores finite)
-            k[dummy, :, prefix_len:] = 0
-            v[dummy, :, prefix_len:] = 0
-            layer.update(k, v)
-        mask = torch.cat([row_mask, mask], 1)
+        for number, layer in enumerate(cache.layers):
+            like_k, like_v = some[number]
+            keys = like_k.new_zeros((b, like_k.shape[0], head + g_width, like_k.shape[2]))
+            values = like_v.new_zeros((b, like_v.shape[0], head + g_width, like_v.shape[2]))
+            if prefix_layers is not None:
+                keys[:, :, :head], values[:, :, :head] = prefix_layers[number]
+            for row, part in enumerate(parts):
+                if part is not None:
+                    keys[row, :, head + g_width - lens[row]:] = part[number][0]
+                    values[row, :, head + g_width - lens[row]:] = part[number][1]
+            layer.update(keys, values)
+        mask = torch.cat([g_mask, mask], 1)
         positions = (prefix_len + torch.tensor(lens, device=self.device)[:, None]
                      + mask[:, -width:].cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          **{self._cache_kw: cache}, **self._last_only)
         self.stats["prefill_tokens"] += sum(len(s) for s in suffixes)
-        self.stats["prefix_tokens_reused"] += prefix_len * b if prefix_layers is not None else 0
-        self.stats["group_tokens_reused"] += sum(lens) - sum(len(p) for p in parts)
+        self.stats["prefix_tokens_reused"] += head * b
+        self.stats["group_tokens_reused"] += sum(lens)
         return out.logits[:, -1], _cache_of(out), mask, positions[:, -1]
 
-    def _tree_chunks(self, prompts: Sequence[Sequence[int]], start: int, size: int, max_tokens: Optional[int]):
-        """Scoring batches that keep each group of prompts sharing a prefix (beyond ``start``) together.
+    def _grouped_prefill(self, prompts: Sequence[Sequence[int]], prefix_len: int, prefix_layers,
+                         groups: list[tuple[list[int], int]], new_tokens: int):
+        """``_prefill`` of one batch with its groups' shared parts computed first (one forward), then the rest."""
+        shared = [(members, n) for members, n in groups if n]
+        computed = self._group_parts([prompts[members[0]][prefix_len:prefix_len + n] for members, n in shared],
+                                     prefix_len, prefix_layers)
+        parts: list[Optional[list]] = [None] * len(prompts)
+        for (members, _), part in zip(shared, computed):
+            for i in members:
+                parts[i] = part
+        self.stats["group_tokens_reused"] -= sum(n for _, n in shared)  # computed once, not reused
+        return self._tree_prefill(prompts, prefix_len, prefix_layers, parts, new_tokens)
 
-        Groups are taken longest first, as ``_chunks`` takes prompts; a batch is closed when the next
-        group does not fit in its rows (rows x longest <= max_tokens), and a group larger than a batch
-        is split.
+    def _scoring_batches(self, prompts: Sequence[Sequence[int]], prefix_len: int, prefix_layers,
+                         skip: Optional[Callable[[list[int]], bool]]):
+        """(batch indices, each row's group part or None) for ``next_token_logprobs``, ``skip``ped batches left out.
+
+        Without groups the parts are None. With them, a window's group parts are computed when its
+        first batch that is not skipped comes.
         """
-        groups = [members for members, _ in group_prompts(prompts, start, self.min_group, size)]
+        if not self.share_groups or len(prompts) < 2:
+            for chunk in self._chunks(prompts, self.batch_size, self.max_batch_tokens):
+                if skip is None or not skip(list(chunk)):
+                    yield chunk, None
+            return
+        for groups, batches in self._windows(prompts, prefix_len, self.batch_size, self.max_batch_tokens,
+                                             self.window * max(1, self.batch_size)):
+            parts: Optional[dict] = None
+            for chunk in batches:
+                if skip is not None and skip(list(chunk)):
+                    continue
+                if parts is None:
+                    shared = [(members, n) for members, n in groups if n]
+                    computed = self._group_parts([prompts[m[0]][prefix_len:prefix_len + n] for m, n in shared],
+                                                 prefix_len, prefix_layers)
+                    parts = {i: part for (members, _), part in zip(shared, computed) for i in members}
+                    self.stats["group_tokens_reused"] -= sum(n for _, n in shared)  # computed once, not reused
+                yield chunk, [parts.get(i) for i in chunk]
+
+    def _windows(self, prompts: Sequence[Sequence[int]], start: int, size: int, max_tokens: Optional[int],
+                 window: int):
+        """Scoring batches with a prefix tree: (groups of the window, its batches), window after window.
+
+        Prompts sharing a prefix beyond ``start`` form groups; groups are taken longest first into
+        windows of about ``window`` prompts, so that a group's shared part is computed once and kept
+        only while its window runs. Inside a window the batches are cut as ``_chunks`` cuts them, by the
+        length of what each prompt computes beyond its group's part, so they carry little padding.
+        """
+        groups = group_prompts(prompts, start, self.min_group)
         longest = lambda members: max(len(prompts[i]) for i in members)  # noqa: E731
-        groups.sort(key=lambda members: (-longest(members), members[0]))
-        chunk, cap = [], size
-        for members in groups:
-            if chunk and len(chunk) + len(members) > cap:
-                yield chunk
-                chunk = []
-            if not chunk:
-                cap = size if max_tokens is None else max(1, min(size, max_tokens // max(1, longest(members))))
-            while len(members) > cap:  # only when the token bound leaves fewer rows than the group has
-                yield members[:cap]
-                members = members[cap:]
-            chunk += members
-        if chunk:
-            yield chunk
+        groups.sort(key=lambda g: (-longest(g[0]), g[0][0]))
+        begin = 0
+        while begin < len(groups):
+            end, rows = begin, 0
+            while end < len(groups) and (rows == 0 or rows + len(groups[end][0]) <= window):
+                rows += len(groups[end][0])
+                end += 1
+            taken = groups[begin:end]
+            rest = {i: len(prompts[i]) - n for members, n in taken for i in members}
+            order = sorted(rest, key=lambda i: (-rest[i], i))
+            batches, at = [], 0
+            while at < len(order):
+                n = size if max_tokens is None else max(1, min(size, max_tokens // max(1, len(prompts[order[at]]))))
+                batches.append(order[at:at + n])
+                at += n
+            yield taken, batches
+            begin = end
 
     def _chunks(self, prompts: Sequence[Sequence[int]], size: int, max_tokens: Optional[int] = None):
         """Batches of prompt indices, longest first; with ``max_tokens``, a batch of long prompts has fewer rows
@@ -344,12 +412,12 @@ class Engine:
         out: list[Optional[torch.Tensor]] = [None] * len(prompts)
         # Scoring prompts (a judge's: rubric + question + reply) can run to thousands of tokens: batches are
         # bounded by tokens as well as rows. Generation keeps its fixed row partition (its seeds follow it).
-        chunks = (self._tree_chunks(prompts, prefix_len, self.batch_size, self.max_batch_tokens) if self.share_groups
-                  else self._chunks(prompts, self.batch_size, self.max_batch_tokens))
-        for chunk in chunks:
-            if skip is not None and skip(list(chunk)):
-                continue
-            logits, *_ = self._prefill([prompts[i] for i in chunk], prefix_len, layers)
+        for chunk, parts in self._scoring_batches(prompts, prefix_len, layers, skip):
+            batch = [prompts[i] for i in chunk]
+            if parts is not None and any(part is not None for part in parts):
+                logits, *_ = self._tree_prefill(batch, prefix_len, layers, parts)
+            else:
+                logits, *_ = self._plain_prefill(batch, prefix_len, layers)
             logprobs = torch.log_softmax(logits.float(), -1).cpu()
             for row, i in enumerate(chunk):
                 out[i] = logprobs[row]
