@@ -30,6 +30,9 @@ class Sizes:
     judge_items: int = 32
     """(question, reply) items judged: whole eval groups are taken until at least this many."""
     judge_new_tokens: int = 128
+    peer_judge_items: int = 59
+    """Items the vLLM peer section judges (whole eval groups), the same in quick runs: a peer's start-up is
+    paid once, and fewer items would measure little but it."""
     judge_batch: int = 8
     sft_steps: int = 11
     """Optimizer steps; the first is warm-up and not timed."""

@@ -1,4 +1,5 @@
-"""Section 2, judging: the paper's generative judge (k samples) against srlm's one-pass logit judge."""
+"""Section 2, judging: the paper's generative judge (k samples) against srlm's one-pass logit judge, and the
+engine's prefix tree (each question shared by its replies) against the common prefix only."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ def section_judging(model_path: str, sizes: Sizes) -> Result:
     items = [(g.prompt, r.text) for g in groups for r in g.replies]
     sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=sizes.judge_new_tokens)
 
-    def engine(share: bool = True) -> Engine:
-        return Engine(model, [eos], pad, batch_size=sizes.judge_batch, share_prefix=share, seed=0)
+    def engine(share: bool = True, tree: bool = True) -> Engine:
+        return Engine(model, [eos], pad, batch_size=sizes.judge_batch, share_prefix=share, share_groups=tree, seed=0)
 
     with quiet():  # warm-up on two items
         LogitJudge(engine(), tok, template).score(items[:2])
@@ -55,7 +56,8 @@ def section_judging(model_path: str, sizes: Sizes) -> Result:
         "generative_k3": run("generative k=3", GenerativeJudge(engine(), tok, template, samples=3, sampling=sampling)),
         "generative_k1": run("generative k=1", GenerativeJudge(engine(), tok, template, samples=1, sampling=sampling)),
         "logit_no_prefix_sharing": run("logit, share_prefix=False", LogitJudge(engine(share=False), tok, template)),
-        "logit": run("logit", LogitJudge(engine(), tok, template)),
+        "logit_common_prefix": run("logit, common prefix only", LogitJudge(engine(tree=False), tok, template)),
+        "logit": run("logit, prefix tree", LogitJudge(engine(), tok, template)),
     }
     logit_judge = LogitJudge(engine(), tok, template)
     prompt_ids = [logit_judge.prompt_ids(q, a) + logit_judge.cue_ids for q, a in items]
@@ -72,6 +74,11 @@ def section_judging(model_path: str, sizes: Sizes) -> Result:
             ratio(g1["judgements_per_s"], g3["judgements_per_s"]), note="info")
     res.add("judging", "judgements/s, logit: prefix sharing off vs on", ln["judgements_per_s"], lg["judgements_per_s"],
             ratio(lg["judgements_per_s"], ln["judgements_per_s"]), note="baseline = Engine(share_prefix=False)")
+    lc = d["logit_common_prefix"]
+    res.add("judging", "judgements/s, native logit judge, prefix tree vs common prefix", lc["judgements_per_s"],
+            lg["judgements_per_s"], ratio(lg["judgements_per_s"], lc["judgements_per_s"]),
+            note=f"baseline = Engine(share_groups=False); question tokens reused "
+                 f"{lg['engine_stats']['group_tokens_reused']}")
     reused = lg["engine_stats"]["prefix_tokens_reused"]
     res.add("judging", f"prefix tokens reused, logit (prefix {shared} tok, 1 forward/call)",
             ln["engine_stats"]["prefix_tokens_reused"], reused, None, "> 0", reused > 0,

