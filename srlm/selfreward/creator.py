@@ -102,6 +102,11 @@ class InstructionCreator:
         self._loaded.append(loaded)
         return loaded
 
+    def _release(self, engine) -> None:
+        """Shut down an engine ``_engine`` loaded, before ``ensure`` ends (one model in memory at a time)."""
+        release(engine)
+        self._loaded = [loaded for loaded in self._loaded if loaded[0] is not engine]
+
     def _log(self, name: str, stats: dict) -> None:
         self.summary[name] = stats
         if dist.is_rank0():
@@ -118,7 +123,7 @@ class InstructionCreator:
         stats = steps.generate_candidates(engine, anchor_tok, prompts, paths[0], n=c.num_candidates,
                                           sampling=c.candidate_sampling, show_progress=self.show_progress, tag="a")
         self._log("anchor candidates", stats)
-        release(engine)
+        self._release(engine)
         anchors = steps.existing(paths[0])
         judge = make_judge(c.judging, judge_engine, tok, load_template(c.judge_template, "question", "response"),
                            c.judge_samples, c.judge_sampling)
@@ -139,9 +144,8 @@ class InstructionCreator:
         try:
             self._create(model_dir, files)
         finally:  # every engine this call loaded is shut down: a vLLM engine's memory returns before the next fit
-            for engine, _ in self._loaded:
-                release(engine)
-            self._loaded = []
+            for engine, _ in list(self._loaded):
+                self._release(engine)
         summary = self.counts()
         if dist.is_rank0():
             write_json(self.dir / "metrics.json", {"iteration": self.t, "model": model_dir, **summary})
@@ -165,7 +169,7 @@ class InstructionCreator:
             self._log("prompts", stats)
             self.run_dir.mark_done(self.phase("prompts"), stats, [files["prompts"]])
             if current is None:
-                release(engine)  # the base model's: one model in memory at a time
+                self._release(engine)  # the base model's: one model in memory at a time
         prompts = steps.existing(files["prompts"])
         if not self.run_dir.done(self.phase("candidates")):
             current = current or self._engine(model_dir)
