@@ -151,6 +151,16 @@ def test_resolve_model_reads_the_base_from_an_iteration_folder(tmp_path):
         resolve_model(str(adapter), "another")
 
 
+def test_loaded_engine_releases_the_engine_when_the_block_raises(tiny_model):
+    from srlm.inference.loading import loaded_engine
+
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with loaded_engine(tiny_model, batch_size=2) as (engine, tokenizer):
+            assert engine.model is not None and tokenizer.eos_token_id is not None
+            raise RuntimeError("inside the block")
+    assert engine.model is None  # released: its model dropped, so the next one fits
+
+
 # -- head to head --------------------------------------------------------------------------------
 def test_parse_verdict_reads_the_last_labelled_choice():
     assert parse_verdict("A is longer, B is right.\nVerdict: B") == "B"

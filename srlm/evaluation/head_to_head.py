@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Union
 from srlm.data.chat import encode_prompt
 from srlm.data.records import resolve_path
 from srlm.data.records import iter_jsonl, write_json, write_jsonl
-from srlm.inference.loading import (BACKEND, GPU_MEMORY_UTILIZATION, TENSOR_PARALLEL_SIZE, load_engine, release,
+from srlm.inference.loading import (BACKEND, GPU_MEMORY_UTILIZATION, TENSOR_PARALLEL_SIZE, loaded_engine,
                                    resolve_model)
 from srlm.models.backbone import DEFAULT_MODEL
 from srlm.prompts import PromptTemplate, load_template
@@ -205,18 +205,14 @@ def compare(model_a: str, adapter_a: Optional[str] = None, model_b: str = DEFAUL
     greedy = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
     answers = []
     for model, adapter in ((model_a, adapter_a), (model_b, adapter_b)):
-        engine, tok = load_engine(model, adapter, batch_size=batch_size, seed=seed, **serving)
-        answers.append(generate_responses(engine, tok, prompts, greedy))
-        release(engine)  # one model in memory at a time
+        with loaded_engine(model, adapter, batch_size=batch_size, seed=seed, **serving) as (engine, tok):
+            answers.append(generate_responses(engine, tok, prompts, greedy))  # one model in memory at a time
     write_jsonl(out / "responses.jsonl", [{"id": i, "prompt": p, "response_a": a, "response_b": b}
                                           for i, p, a, b in zip(ids, prompts, *answers)])
-    engine, tok = load_engine(judge_model, judge_adapter, batch_size=batch_size, seed=seed, **serving)
-    try:
+    with loaded_engine(judge_model, judge_adapter, batch_size=batch_size, seed=seed, **serving) as (engine, tok):
         summary = head_to_head(prompts, answers[0], answers[1], engine, tok, template, judge_mode,
                                Sampling(temperature=0.0, top_p=1.0, max_new_tokens=max(max_new_tokens, 160)),
                                out / "h2h_verdicts.jsonl", ids)
-    finally:
-        release(engine)
     labels = {"model_a": resolve_model(model_a, adapter_a), "model_b": resolve_model(model_b, adapter_b),
               "judge": resolve_model(judge_model, judge_adapter)}
     summary.update({k: {"model": m, "adapter": a} for k, (m, a) in labels.items()})

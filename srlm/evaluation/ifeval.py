@@ -29,7 +29,7 @@ from typing import Optional, Union
 from srlm.data.chat import encode_prompt
 from srlm.data.records import JsonlAppender, iter_jsonl, write_json, write_jsonl
 from srlm.inference.engine import Engine, Sampling
-from srlm.inference.loading import (BACKEND, GPU_MEMORY_UTILIZATION, TENSOR_PARALLEL_SIZE, load_engine, release,
+from srlm.inference.loading import (BACKEND, GPU_MEMORY_UTILIZATION, TENSOR_PARALLEL_SIZE, loaded_engine,
                                    resolve_model)
 from srlm.metrics.ifeval import check_response, format_table, ifeval_metrics, load_ifeval, setup_checkers
 from srlm.models.backbone import DEFAULT_MODEL
@@ -148,13 +148,9 @@ def ifeval(model: str = DEFAULT_MODEL, prompts: str = "seed:ifeval_dev.jsonl", o
     """
     items = load_ifeval(prompts, max_prompts)
     base, adapter = resolve_model(model, adapter)
-    engine, tokenizer = load_engine(base, adapter, batch_size=batch_size, backend=backend,
-                                    tensor_parallel_size=tensor_parallel_size,
-                                    gpu_memory_utilization=gpu_memory_utilization)
-    try:
+    with loaded_engine(base, adapter, batch_size=batch_size, backend=backend, tensor_parallel_size=tensor_parallel_size,
+                       gpu_memory_utilization=gpu_memory_utilization) as (engine, tokenizer):
         metrics = evaluate_ifeval_with(engine, tokenizer, items, output_dir, max_new_tokens, model=base,
                                        adapter=adapter)
-    finally:
-        release(engine)
     print(format_table(metrics))
     return metrics

@@ -21,7 +21,7 @@ from typing import Optional, Union
 
 from srlm.data.oasst import read_ranked as load_ranked
 from srlm.data.records import RankedPrompt, write_json, write_jsonl
-from srlm.inference.loading import (BACKEND, GPU_MEMORY_UTILIZATION, TENSOR_PARALLEL_SIZE, load_engine, release,
+from srlm.inference.loading import (BACKEND, GPU_MEMORY_UTILIZATION, TENSOR_PARALLEL_SIZE, loaded_engine,
                                    resolve_model)
 from srlm.metrics.reward_scores import reward_metrics_from_scores
 from srlm.models.backbone import DEFAULT_MODEL
@@ -113,12 +113,9 @@ def evaluate_reward(model: str = DEFAULT_MODEL, adapter: Optional[str] = None, e
     """
     ranked = load_ranked(eval_file, max_prompts)
     base, adapter = resolve_model(model, adapter)
-    engine, tokenizer = load_engine(base, adapter, batch_size=batch_size, seed=seed, backend=backend,
-                                    tensor_parallel_size=tensor_parallel_size,
-                                    gpu_memory_utilization=gpu_memory_utilization)
-    try:
+    with loaded_engine(base, adapter, batch_size=batch_size, seed=seed, backend=backend,
+                       tensor_parallel_size=tensor_parallel_size,
+                       gpu_memory_utilization=gpu_memory_utilization) as (engine, tokenizer):
         return evaluate_reward_with(engine, tokenizer, ranked, output_dir, judge_mode, samples,
                                     dataclasses.replace(JUDGE_SAMPLING, max_new_tokens=max_new_tokens),
                                     judge_template, model=base, adapter=adapter)
-    finally:
-        release(engine)

@@ -7,7 +7,8 @@ a run folder that contains one under ``model/`` (``runs/x/m1``, ``runs/x/iter_2`
 
 ``load_engine`` is the one way the loop, the commands and evaluation get an engine: ``backend`` picks
 the native engine (srlm/inference/engine.py) or vLLM (srlm/inference/vllm_engine.py, imported only then);
-both answer ``generate`` and ``next_token_logprobs``, and ``release`` frees either.
+both answer ``generate`` and ``next_token_logprobs``, and ``release`` frees either. ``loaded_engine`` is the
+two together for an engine that lives inside one ``with`` block: released on the way out, errors included.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from __future__ import annotations
 import gc
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -100,6 +102,18 @@ def _load_vllm(base: str, adapter: Optional[str], batch_size: int, seed: int, dt
             shutil.rmtree(folder, ignore_errors=True)
         raise
     return engine, tokenizer
+
+
+@contextmanager
+def loaded_engine(model: str, adapter: Optional[str] = None, **options) -> Iterator[tuple[Engine, object]]:
+    """``with loaded_engine(model, adapter, batch_size=...) as (engine, tokenizer):`` ``load_engine`` with the same
+    arguments (``options`` are its keyword ones), and ``release`` of the engine when the block ends, however it
+    ends (one model in memory at a time, a vLLM engine and its merged folder never left behind)."""
+    engine, tokenizer = load_engine(model, adapter, **options)
+    try:
+        yield engine, tokenizer
+    finally:
+        release(engine)
 
 
 def release(engine: Engine) -> None:

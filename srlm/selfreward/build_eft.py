@@ -200,17 +200,14 @@ def build_eft(ranked: str, output: str, model: str = DEFAULT_MODEL, adapter: Opt
         batch_size: judge prompts per forward (each with ``samples`` rows).
         seed: judge sampling seed and balancing seed.
     """
-    from srlm.inference.loading import load_engine, release, resolve_model
+    from srlm.inference.loading import loaded_engine, resolve_model
     from srlm.data.oasst import read_ranked
     from srlm.inference.engine import Sampling
 
     prompts = read_ranked(ranked, max_prompts)
     base, adapter = resolve_model(model, adapter)
-    engine, tokenizer = load_engine(base, adapter, batch_size=batch_size, seed=seed)
-    try:
+    with loaded_engine(base, adapter, batch_size=batch_size, seed=seed) as (engine, tokenizer):
         return build_eft_with(engine, tokenizer, prompts, output, samples=samples,
                               sampling=Sampling(temperature, top_p, max_new_tokens), template=judge_template,
                               balance=balance, max_per_score=max_per_score, seed=seed, model=base, adapter=adapter,
                               ranked_file=str(ranked))
-    finally:
-        release(engine)

@@ -191,7 +191,7 @@ def build_checked_eft(prompts: str, output: str, model: str = DEFAULT_MODEL, ada
         seed: sampling and balancing seed.
     """
     from srlm.metrics.ifeval import load_ifeval
-    from srlm.inference.loading import load_engine, release, resolve_model
+    from srlm.inference.loading import loaded_engine, resolve_model
     from srlm.inference.engine import Sampling
 
     items = load_ifeval(prompts, max_prompts)
@@ -202,11 +202,8 @@ def build_checked_eft(prompts: str, output: str, model: str = DEFAULT_MODEL, ada
             if isinstance(obj.get("response"), str) and obj["response"].strip():
                 references[str(key)] = obj["response"]
     base, adapter = resolve_model(model, adapter)
-    engine, tokenizer = load_engine(base, adapter, batch_size=batch_size, seed=seed)
-    try:
+    with loaded_engine(base, adapter, batch_size=batch_size, seed=seed) as (engine, tokenizer):
         return build_checked_eft_with(engine, tokenizer, items, output, samples=samples,
                                       sampling=Sampling(temperature, top_p, max_new_tokens), references=references,
                                       balance=balance, max_per_score=max_per_score, seed=seed, model=base,
                                       adapter=adapter, prompts_file=str(prompts))
-    finally:
-        release(engine)

@@ -16,7 +16,7 @@ from srlm.data.datamodule import load_sft_file, resolve_path
 from srlm.data.records import read_jsonl
 from srlm.inference.engine import Sampling
 from srlm.inference.judge import JUDGE_SAMPLES, JUDGE_SAMPLING, make_judge
-from srlm.inference.loading import BACKEND, GPU_MEMORY_UTILIZATION, TENSOR_PARALLEL_SIZE, load_engine, release
+from srlm.inference.loading import BACKEND, GPU_MEMORY_UTILIZATION, TENSOR_PARALLEL_SIZE, loaded_engine
 from srlm.models.backbone import DEFAULT_MODEL
 from srlm.prompts import JUDGE_TEMPLATE, load_template
 from srlm.selfreward import steps
@@ -52,15 +52,13 @@ def generate_prompts(output: str, num_prompts: int = Defaults.num_prompts, model
         gpu_memory_utilization: vLLM: share of device memory reserved (CPU: of system RAM; None: 0.9 GPU, 0.15 CPU).
     """
     seeds = [ex.prompt for ex in load_sft_file(seed_prompts_file)]
-    engine, tok = load_engine(model, adapter, batch_size, seed, backend=backend,
-                              tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization)
-    try:
+    with loaded_engine(model, adapter, batch_size=batch_size, seed=seed, backend=backend,
+                       tensor_parallel_size=tensor_parallel_size,
+                       gpu_memory_utilization=gpu_memory_utilization) as (engine, tok):
         stats = steps.generate_prompts(engine, tok, seeds, load_template(template, "examples"), resolve_path(output),
                                        target=num_prompts, few_shot=few_shot, seed=seed,
                                        sampling=Sampling(temperature, top_p, max_new_tokens),
                                        requests_per_batch=batch_size)
-    finally:
-        release(engine)
     print(stats)
     return stats
 
@@ -88,13 +86,11 @@ def generate_candidates(prompts: str, output: str, model: str = DEFAULT_MODEL, a
         tensor_parallel_size: vLLM: GPUs one model is split over.
         gpu_memory_utilization: vLLM: share of device memory reserved (CPU: of system RAM; None: 0.9 GPU, 0.15 CPU).
     """
-    engine, tok = load_engine(model, adapter, batch_size, seed, backend=backend,
-                              tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization)
-    try:
+    with loaded_engine(model, adapter, batch_size=batch_size, seed=seed, backend=backend,
+                       tensor_parallel_size=tensor_parallel_size,
+                       gpu_memory_utilization=gpu_memory_utilization) as (engine, tok):
         stats = steps.generate_candidates(engine, tok, read_jsonl(resolve_path(prompts)), resolve_path(output), n=n,
                                           sampling=Sampling(temperature, top_p, max_new_tokens))
-    finally:
-        release(engine)
     print(stats)
     return stats
 
@@ -124,14 +120,12 @@ def judge(candidates: str, output: str, model: str = DEFAULT_MODEL, adapter: Opt
         tensor_parallel_size: vLLM: GPUs one model is split over.
         gpu_memory_utilization: vLLM: share of device memory reserved (CPU: of system RAM; None: 0.9 GPU, 0.15 CPU).
     """
-    engine, tok = load_engine(model, adapter, batch_size, seed, backend=backend,
-                              tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization)
-    try:
+    with loaded_engine(model, adapter, batch_size=batch_size, seed=seed, backend=backend,
+                       tensor_parallel_size=tensor_parallel_size,
+                       gpu_memory_utilization=gpu_memory_utilization) as (engine, tok):
         j = make_judge(mode, engine, tok, load_template(template, "question", "response"), samples,
                        Sampling(temperature, top_p, max_new_tokens))
         stats = steps.judge_candidates(j, read_jsonl(resolve_path(candidates)), resolve_path(output))
-    finally:
-        release(engine)
     print(stats)
     return stats
 

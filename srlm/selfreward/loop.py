@@ -252,12 +252,11 @@ def evaluate_phase(run: RunDir, name: str, model, ev: EvalConfig, batch_size: in
     ``h2h/<name>/vs_<label>``). ``model`` is an exported model folder or, for the base model, its name.
     Each part is skipped when its phase is done; the numbers also go to ``<name>/metrics.json``."""
     from srlm.evaluation.head_to_head import compare
-    from srlm.inference.loading import load_engine, release
+    from srlm.inference.loading import loaded_engine
 
     wanted = [f"eval/{name}"] + ([f"ifeval/{name}"] if ev.ifeval_file else [])
     if not all(run.done(p) for p in wanted):
-        engine, tok = load_engine(str(model), batch_size=batch_size)
-        try:
+        with loaded_engine(str(model), batch_size=batch_size) as (engine, tok):
             if not run.done(f"eval/{name}"):
                 from srlm.evaluation.reward import evaluate_reward_with, load_ranked
 
@@ -272,8 +271,6 @@ def evaluate_phase(run: RunDir, name: str, model, ev: EvalConfig, batch_size: in
                                                run.root / name / "ifeval", max_new_tokens=ev.ifeval_max_new_tokens,
                                                model=str(model))
                 run.mark_done(f"ifeval/{name}", metrics)
-        finally:
-            release(engine)
     for k, (label, other) in enumerate(opponents if ev.h2h_prompts > 0 else ()):
         phase = f"h2h/{name}" if k == 0 else f"h2h/{name}/vs_{label}"
         if run.done(phase):
