@@ -159,3 +159,24 @@ def test_the_loop_command_never_loads_a_model_it_does_not_train(tmp_path):
           "--trainer.default_root_dir", str(tmp_path)])
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["final_model"] == str(tmp_path / "m1") and manifest["base_model"].endswith("absent")
+
+
+def test_the_loops_evaluation_is_served_by_the_self_reward_backend(tmp_path):
+    """One serving choice for the whole loop: the evaluation's engine and head-to-head's take ``self_reward``'s
+    backend, so a backend no engine has stops each before any model is loaded (the model may be absent)."""
+    from srlm.selfreward.loop import Phases
+    from srlm.selfreward.rundir import RunDir
+
+    self_reward = SelfRewardConfig()
+    self_reward.backend = "bogus"  # past the config's own check: what reaches the evaluation
+    run = RunDir(tmp_path / "run")
+    phases = Phases(trainer=None, run=run, model=None, datamodule=None, iterations=1, m1_adapter=None,
+                    self_reward=self_reward, dpo=None, ev=EvalConfig(h2h_prompts=1), checkpoint_every=1, selection=None)
+    absent = str(tmp_path / "absent")
+    with pytest.raises(ValueError, match="backend 'bogus'"):
+        phases.evaluate("m1", absent)  # reward metrics and IFEval
+    run.mark_done("eval/m1", {})
+    run.mark_done("ifeval/m1", {})
+    with pytest.raises(ValueError, match="backend 'bogus'"):
+        phases.evaluate("m1", absent, [("M0", absent)])  # head-to-head
+    assert not run.done("h2h/m1")

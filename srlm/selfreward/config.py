@@ -82,12 +82,20 @@ class SelfRewardConfig:
     seed: int = 0
     """Seed for few-shot sampling and generation."""
     backend: str = BACKEND
-    """What generates and judges: ``native`` (srlm's engine) or ``vllm`` (pip install 'srlm[vllm]'; M_t merged once
-    per iteration, vLLM shut down before each training phase; its candidates' reference log-probs are recomputed)."""
+    """What generates and judges, in the loop's creation and its evaluation (reward metrics, IFEval, head-to-head):
+    ``native`` (srlm's engine) or ``vllm`` (pip install 'srlm[vllm]'; M_t merged once per iteration, vLLM shut down
+    before each training phase; its candidates' reference log-probs are recomputed)."""
     tensor_parallel_size: int = TENSOR_PARALLEL_SIZE
     """vLLM: GPUs one model is split over."""
     gpu_memory_utilization: Optional[float] = GPU_MEMORY_UTILIZATION
     """vLLM: share of the device's memory it reserves (on CPU, of system RAM); None: 0.9 on a GPU, 0.15 on CPU."""
+
+    @property
+    def serving(self) -> dict:
+        """The serving options (``backend``, ``tensor_parallel_size``, ``gpu_memory_utilization``) as keywords of
+        ``load_engine``: one choice for everything the loop generates and judges."""
+        return {"backend": self.backend, "tensor_parallel_size": self.tensor_parallel_size,
+                "gpu_memory_utilization": self.gpu_memory_utilization}
 
     @property
     def judging(self) -> str:

@@ -96,9 +96,7 @@ class InstructionCreator:
         b, c = self.backbone, self.config
         loaded = load_engine(b.model_name_or_path, model_dir, batch_size=c.batch_size,
                              seed=self.seed if seed is None else seed, dtype=b.dtype, device=self.device,
-                             trust_remote_code=b.trust_remote_code, load_in_4bit=b.load_in_4bit, backend=c.backend,
-                             tensor_parallel_size=c.tensor_parallel_size,
-                             gpu_memory_utilization=c.gpu_memory_utilization)
+                             trust_remote_code=b.trust_remote_code, load_in_4bit=b.load_in_4bit, **c.serving)
         self._loaded.append(loaded)
         return loaded
 

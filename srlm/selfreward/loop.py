@@ -188,7 +188,7 @@ class Phases:
 
     def evaluate(self, name: str, model, opponents: Sequence[tuple[str, Path]] = (), base: bool = False) -> None:
         if self.ev.enabled and (self.ev.evaluate_base or not base):
-            evaluate_phase(self.run, name, model, self.ev, self.ev.batch_size, opponents)
+            evaluate_phase(self.run, name, model, self.ev, self.ev.batch_size, opponents, **self.self_reward.serving)
 
 
 def _examples(trainer: L.Trainer) -> dict:
@@ -246,17 +246,18 @@ def phase_trainer(trainer: LoopTrainer, root: Path, checkpoint_every: int, extra
 
 @dist.on_rank0
 def evaluate_phase(run: RunDir, name: str, model, ev: EvalConfig, batch_size: int,
-                   opponents: Sequence[tuple[str, Path]] = ()) -> None:
+                   opponents: Sequence[tuple[str, Path]] = (), **serving) -> None:
     """Measure one model of the run: reward metrics on held-out ranked replies (phase ``eval/<name>``),
     IFEval (``ifeval/<name>``), and head-to-head against each of ``opponents`` (``h2h/<name>``, then
     ``h2h/<name>/vs_<label>``). ``model`` is an exported model folder or, for the base model, its name.
+    ``serving``: ``load_engine``'s backend options (the loop's ``SelfRewardConfig.serving``), for every engine here.
     Each part is skipped when its phase is done; the numbers also go to ``<name>/metrics.json``."""
     from srlm.evaluation.head_to_head import compare
     from srlm.inference.loading import loaded_engine
 
     wanted = [f"eval/{name}"] + ([f"ifeval/{name}"] if ev.ifeval_file else [])
     if not all(run.done(p) for p in wanted):
-        with loaded_engine(str(model), batch_size=batch_size) as (engine, tok):
+        with loaded_engine(str(model), batch_size=batch_size, **serving) as (engine, tok):
             if not run.done(f"eval/{name}"):
                 from srlm.evaluation.reward import evaluate_reward_with, load_ranked
 
@@ -279,7 +280,7 @@ def evaluate_phase(run: RunDir, name: str, model, ev: EvalConfig, batch_size: in
         summary = compare(str(model), model_b=str(other), prompts_file=ev.h2h_prompts_file, output_dir=str(folder),
                           judge_model=ev.h2h_judge_model or str(run.manifest.get("base_model")),
                           judge_mode=ev.h2h_judge_mode, max_prompts=ev.h2h_prompts,
-                          max_new_tokens=ev.max_new_tokens, batch_size=batch_size)
+                          max_new_tokens=ev.max_new_tokens, batch_size=batch_size, **serving)
         run.mark_done(phase, {**summary, "against": label})
     _write_model_metrics(run, name)
 
