@@ -11,8 +11,11 @@ Every command takes --help; Lightning's (fit, validate, test, predict, loop) als
 
 import logging
 
-from srlm.cli import main
+from srlm.allocator import reexec_tuned
 
 if __name__ == "__main__":
+    reexec_tuned()  # first, before anything is allocated: malloc settings that keep resident memory down
+    from srlm.cli import main
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main()

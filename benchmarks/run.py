@@ -6,7 +6,8 @@
     python benchmarks/run.py --model /path/to/hf_folder --quick   # another model (e.g. a tiny one, a dry run)
     python benchmarks/run.py --sections judging,dpo               # some sections only
 
-Each section (``generation.py``, ``judging.py``, ``sft.py``, ``dpo.py``, ``vllm_peer.py``) runs in its own subprocess,
+Each section (``generation.py``, ``judging.py``, ``sft.py``, ``dpo.py``, ``vllm_peer.py``, ``loop_memory.py``) runs in
+its own subprocess,
 so that each has its own peak resident memory (``ru_maxrss``) and a crash in one does not lose the
 others; inside a section the baseline and srlm run in the same process, on the same model and data,
 one after the other (baseline first), and a sampling thread (psutil) records each one's peak RSS
@@ -40,7 +41,7 @@ from fixtures import ROOT
 from harness import Row, Sizes, have_trl, table, version
 from memory import memory_rows
 
-SECTIONS = ("generation", "judging", "sft", "dpo", "vllm")
+SECTIONS = ("generation", "judging", "sft", "dpo", "vllm", "loop")
 
 
 def runner(name: str):
@@ -48,11 +49,13 @@ def runner(name: str):
     import dpo
     import generation
     import judging
+    import loop_memory
     import sft
     import vllm_peer
 
     return {"generation": generation.section_generation, "judging": judging.section_judging,
-            "sft": sft.section_sft, "dpo": dpo.section_dpo, "vllm": vllm_peer.section_vllm}[name]
+            "sft": sft.section_sft, "dpo": dpo.section_dpo, "vllm": vllm_peer.section_vllm,
+            "loop": loop_memory.section_loop}[name]
 
 
 def run_child(name: str, model_path: str, sizes: Sizes, out: Path, threads: Optional[int] = None) -> None:

@@ -22,6 +22,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from srlm.allocator import trim
 from srlm.models.backbone import (LINEAGE_FILE, is_full_model, load_for_inference, load_tokenizer,
                                   resolve_model_path)
 from srlm.inference.engine import Engine
@@ -123,5 +124,6 @@ def release(engine: Engine) -> None:
         return
     engine.model = None
     gc.collect()
+    trim()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

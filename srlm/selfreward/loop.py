@@ -16,6 +16,7 @@ Trainer; rank 0 alone writes the run folder (see srlm/selfreward/distributed.py)
 from __future__ import annotations
 
 import dataclasses
+import gc
 import inspect
 import json
 import logging
@@ -26,6 +27,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 
+from srlm.allocator import trim
 from srlm.data.datamodule import SFTDataModule
 from srlm.data.records import read_jsonl, write_json
 from srlm.models.dpo import DPOModule
@@ -140,6 +142,8 @@ class Phases:
         last = root / "checkpoints" / "last.ckpt"
         phase_trainer(self.trainer, root, self.checkpoint_every, callbacks, **overrides).fit(
             module, datamodule=data, ckpt_path=str(last) if last.exists() else None)
+        gc.collect()  # the phase's trainer, optimiser state and activations: gone before the next phase
+        trim()
 
     def train_m1(self) -> Path:
         """M1: SFT of the base model on IFT + EFT (unless given); iteration 1's creation runs at the end of its fit."""
