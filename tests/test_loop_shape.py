@@ -133,6 +133,31 @@ def test_the_end_of_phase_callback_marks_done_before_creating(tmp_path):
     assert run.info("m1")["counts"] == {"train_examples": 5, "steps": 3}
 
 
+def test_the_end_of_phase_callback_drops_the_trained_weights_before_creating(tmp_path, tiny_model):
+    """Creation loads M_t from its export: the fit's own copy of the network is dropped first (one model in memory),
+    and a later use of the module loads it again."""
+    from srlm.models.backbone import BackboneConfig
+    from srlm.models.sft import SFTModule
+    from srlm.selfreward.creator import SelfRewardCallback
+    from srlm.selfreward.rundir import RunDir
+
+    module = SFTModule(BackboneConfig(model_name_or_path=tiny_model, lora=True))
+    seen = {}
+
+    class Creator:
+        device, show_progress = None, None
+
+        def ensure(self, model_dir):
+            seen["loaded while creating"] = "model" in module._modules
+            return {}
+
+    trainer = SimpleNamespace(global_step=1, default_root_dir=str(tmp_path), is_global_zero=True)
+    module.exported_to = tmp_path / "m1"
+    SelfRewardCallback(RunDir(tmp_path / "run"), "m1", lambda tr: {}, Creator()).on_fit_end(trainer, module)
+    assert seen == {"loaded while creating": False}
+    assert sum(p.numel() for p in module.model.parameters()) > 0  # used again: loaded again
+
+
 def test_the_round_config_parses_its_inherited_nested_settings():
     """jsonargparse resolves the annotations a DPORoundConfig inherits (the optimizer is an OptimConfig, merged
     with its defaults, not a bare dict)."""

@@ -83,6 +83,14 @@ class AdapterModule(L.LightningModule):
         # LoRA dropout would silently stay off during training.
         self.model.train()
 
+    def unload(self) -> None:
+        """Drop the network (the tokenizer and settings stay), once a phase has exported it: the loop keeps a
+        finished phase's module for its settings, not its half-gigabyte of weights. A later use of ``self.model``
+        loads the weights again, as under ``deferred_loading``."""
+        if "model" in self._modules:
+            del self.model
+        self.__dict__.pop("merged_adapters", None)
+
     def setup(self, stage: str) -> None:
         self.model  # noqa: B018  (loaded here at the latest: before configure_model and a checkpoint's restore)
 

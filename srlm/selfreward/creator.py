@@ -19,6 +19,7 @@ module, so it needs no collective forward.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from collections import Counter
@@ -28,12 +29,14 @@ from typing import Callable, Optional
 import lightning as L
 import torch
 
+from srlm.allocator import trim
 from srlm.data.datamodule import load_sft_file
 from srlm.data.records import write_json, write_jsonl
 from srlm.inference.engine import Engine
 from srlm.inference.judge import make_judge
 from srlm.inference.loading import load_engine, release
 from srlm.models.backbone import BackboneConfig
+from srlm.models.base import AdapterModule
 from srlm.prompts import load_template
 from srlm.seeds import derive_seed
 from srlm.selfreward import distributed as dist
@@ -135,6 +138,8 @@ class InstructionCreator:
         if self.complete():
             return self.counts()
         model_dir = str(model_dir)
+        gc.collect()  # at the end of a fit: its freed activations go back to the system before an engine loads
+        trim()
         dist.barrier()  # rank 0 has exported M_t
         self.dir.mkdir(parents=True, exist_ok=True)
         self.verify()  # the files of phases done earlier are read below: they must be the recorded ones
@@ -243,6 +248,8 @@ class SelfRewardCallback(L.Callback):
             counts["selection"] = {k: summary.get(k) for k in ("metric", "best_step", "best_value", "final_step",
                                                                "final_value")}
         self.run.mark_done(self.phase, counts)
+        if isinstance(pl_module, AdapterModule):
+            pl_module.unload()  # exported in on_train_end: the creation below loads M_t from there, one copy is enough
         if self.creator is not None:
             self.creator.device = pl_module.device
             self.creator.show_progress = trainer.is_global_zero
