@@ -73,6 +73,26 @@ def test_on_batch_sees_every_prompt_once(setup):
     assert sorted(seen) == list(range(len(ids)))
 
 
+def test_a_batchs_key_values_are_freed_before_the_next_batchs_prefill(setup):
+    """One batch's cache in memory at a time: a generative judge's is about 0.8 GB on the embedded model."""
+    import weakref
+
+    _, _, ids = setup
+    eng = engine(setup, batch_size=2)
+    caches, alive_at_prefill = [], []
+    prefill = eng._prefill
+
+    def recording(*args, **kwargs):
+        alive_at_prefill.append(sum(ref() is not None for ref in caches))
+        out = prefill(*args, **kwargs)
+        caches.append(weakref.ref(out[1]))
+        return out
+
+    eng._prefill = recording
+    eng.generate(ids, 3, Sampling(max_new_tokens=4))
+    assert len(alive_at_prefill) == 3 and alive_at_prefill == [0, 0, 0]
+
+
 def test_common_prefix():
     assert common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
     assert common_prefix([[5], [6]]) == 0
