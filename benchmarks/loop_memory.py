@@ -22,14 +22,14 @@ from harness import Result, Sizes, ratio, say
 def run_loop(model_path: str, run_dir: Path, env: dict) -> dict:
     cmd = [sys.executable, "main.py", "loop", "--config", "configs/smoke.yaml", "--run_dir", str(run_dir),
            "--model.init_args.backbone.model_name_or_path", model_path]
+    log = run_dir.with_suffix(".log")  # a file, not a pipe: progress bars would fill a pipe nobody reads during wait4
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not every child's maximum
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=err, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage, not every child's maximum
     seconds = time.perf_counter() - t0
-    err = proc.stderr.read()
-    proc.stderr.close()
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{log.read_text()[-3000:]}")
     return {"peak_rss_mb": usage.ru_maxrss / 1024, "seconds": seconds}  # Linux: KiB
 
 
