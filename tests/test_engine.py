@@ -93,6 +93,66 @@ def test_a_batchs_key_values_are_freed_before_the_next_batchs_prefill(setup):
     assert len(alive_at_prefill) == 3 and alive_at_prefill == [0, 0, 0]
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_generation_batches_are_bounded_by_tokens_with_their_samples(setup, share):
+    """A batch's key/value cache is its prompts (once with shared samples, n times without) and the samples' new
+    tokens: k samples of long judge prompts must not hold more than the budget (the default loop's generative
+    judge peaked 1 GB above everything else)."""
+    _, tok, ids = setup
+    prompts = [ids[0] * 4, ids[1] * 2] + ids[2:]
+    cfg, n = Sampling(temperature=0, max_new_tokens=6), 3
+    cost = (lambda length: length + n * 6) if share else (lambda length: n * (length + 6))
+    budget = cost(len(ids[2])) * 2 + 1  # two short prompts fit, a long one runs alone
+    eng = engine(setup, batch_size=4, max_batch_tokens=budget, share_samples=share)
+    batches, prefill = [], eng._prefill
+
+    def recording(batch, *args, **kwargs):
+        batches.append([len(p) for p in batch])
+        return prefill(batch, *args, **kwargs)
+
+    eng._prefill = recording
+    bounded = eng.generate(prompts, n, cfg)
+    assert len(batches) > 2 and sum(len(b) for b in batches) == len(prompts)
+    assert all(len(b) * cost(max(b)) <= budget or len(b) == 1 for b in batches)
+    assert eng.stats["shared_prompt_batches"] == (len(batches) if share else 0)
+    unbounded = engine(setup, batch_size=4, max_batch_tokens=10**9, share_samples=share).generate(prompts, n, cfg)
+    assert [[s.token_ids for s in g] for g in bounded] == [[s.token_ids for s in g] for g in unbounded]
+
+
+def test_samples_sharing_their_prompts_key_values_sample_what_repeated_key_values_do(setup):
+    """shared_kv's attention (prompt part and own part merged) gives the model's distribution: same tokens from
+    the same generator, same log-probs; rows finish at different steps, prompts are padded and share a prefix."""
+    tok = setup[1]
+    long = [encode_prompt(tok, "Read the rubric carefully and then answer. " * 3 + p) for p in PROMPTS]
+    cfg = Sampling(temperature=1.0, top_p=0.95, max_new_tokens=24)
+    model = setup[0]
+    stops = range(0, model.config.vocab_size, 8)  # an eighth of the vocabulary ends a sample: rows finish apart
+    shared, repeated = (Engine(model, stops, tok.pad_token_id, batch_size=3, min_prefix=2, seed=5, share_samples=flag)
+                        for flag in (True, False))
+    a, b = shared.generate(long, 3, cfg), repeated.generate(long, 3, cfg)
+    assert shared.stats["shared_prompt_batches"] == 2 and repeated.stats["shared_prompt_batches"] == 0
+    assert shared.stats["prefix_tokens_reused"] > 0
+    assert [[s.token_ids for s in g] for g in a] == [[s.token_ids for s in g] for g in b]
+    assert len({len(s.token_ids) for g in a for s in g}) > 1  # some rows left the batch before others
+    for ga, gb in zip(a, b):
+        for sa, sb in zip(ga, gb):
+            assert abs(sa.logp - sb.logp) < 1e-3 and sa.finished == sb.finished
+
+
+def test_dropping_finished_rows_keeps_the_cache_in_its_storage():
+    """A second storage beside the first, when samples finish, doubled the cache at its largest."""
+    from srlm.inference.kv_cache import ReservedLayer
+
+    layer = ReservedLayer(reserve=4)
+    layer.update(torch.randn(4, 3, 5, 8), torch.randn(4, 3, 5, 8))
+    storage = layer._k.untyped_storage().data_ptr()
+    kept = layer.keys[[0, 2]].clone()
+    layer.batch_select_indices(torch.tensor([0, 2]))
+    assert layer._k.untyped_storage().data_ptr() == storage and torch.equal(layer.keys, kept)
+    k, _ = layer.update(torch.ones(2, 3, 1, 8), torch.ones(2, 3, 1, 8))
+    assert k.shape == (2, 3, 6, 8) and torch.equal(k[:, :, :5], kept)
+
+
 def test_common_prefix():
     assert common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
     assert common_prefix([[5], [6]]) == 0

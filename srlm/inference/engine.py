@@ -19,13 +19,16 @@ reference log-probs of the candidate, and the DPO round needs no reference pass.
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from srlm.allocator import trim
+from srlm.inference import shared_kv
 from srlm.inference.kv_cache import reserved_cache
+from srlm.inference.shared_kv import SharedPrompts
 from srlm.seeds import derive_seed
 
 
@@ -175,19 +178,23 @@ class Engine:
         window: scoring holds the groups' shared parts of ``window`` x ``batch_size`` prompts at a time, and cuts
             those prompts into batches by length.
         seed: seed of the sampling generator.
-        max_batch_tokens: scoring (``next_token_logprobs``) batches hold at most this many padded prompt tokens.
+        share_samples: the n samples of a prompt attend over one copy of its key/values (``shared_kv``), not n.
+        max_batch_tokens: a batch holds at most this many padded tokens (a single prompt longer than that runs
+            alone): prompt tokens for scoring (``next_token_logprobs``); prompt + samples x new tokens for
+            ``generate`` (x samples for the prompt too without ``share_samples``), which bounds its key/value
+            cache (about 46 KB a token on the embedded model in fp32).
     """
 
     def __init__(self, model, eos_ids: Sequence[int], pad_id: int, batch_size: int = 8, share_prefix: bool = True,
                  min_prefix: int = 16, seed: int = 0, max_batch_tokens: int = 8192, share_groups: bool = True,
-                 min_group: int = 4, window: int = 8):
+                 min_group: int = 4, window: int = 8, share_samples: bool = True):
         self.model, self.eos_ids, self.pad_id = model, set(int(i) for i in eos_ids), pad_id
         self.share_groups, self.min_group, self.window = share_prefix and share_groups, min_group, window
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_tokens, self.share_samples = max_batch_tokens, share_samples
         self.batch_size, self.share_prefix, self.min_prefix, self.seed = batch_size, share_prefix, min_prefix, seed
         self.device = next(model.parameters()).device
         self.stats = {"prefill_tokens": 0, "prefix_tokens_reused": 0, "decode_steps": 0, "generated_tokens": 0,
-                      "group_tokens_reused": 0}
+                      "group_tokens_reused": 0, "shared_prompt_batches": 0}
         # Prefill needs the logits of the last position only: the vocabulary projection of every other
         # position is about a fifth of a small model's prefill work.
         # A peft model's forward takes **kwargs and hands them to the model it wraps: look at that one.
@@ -393,13 +400,16 @@ class Engine:
             yield taken, batches
             begin = end
 
-    def _chunks(self, prompts: Sequence[Sequence[int]], size: int, max_tokens: Optional[int] = None):
-        """Batches of prompt indices, longest first; with ``max_tokens``, a batch of long prompts has fewer rows
-        (rows x longest <= max_tokens), so that its padded prefill and attention stay within bounds."""
+    def _chunks(self, prompts: Sequence[Sequence[int]], size: int, max_tokens: Optional[int] = None,
+                new_tokens: int = 0, samples: int = 1):
+        """Batches of prompt indices, longest first; with ``max_tokens``, a batch of long prompts has fewer prompts
+        (prompts x samples x (longest + new_tokens) <= max_tokens), so that its padded prefill, attention and
+        key/value cache stay within bounds."""
         order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
         start = 0
         while start < len(order):
-            rows = size if max_tokens is None else max(1, min(size, max_tokens // max(1, len(prompts[order[start]]))))
+            per_prompt = samples * (len(prompts[order[start]]) + new_tokens)
+            rows = size if max_tokens is None else max(1, min(size, max_tokens // max(1, per_prompt)))
             yield order[start:start + rows]
             start += rows
 
@@ -412,7 +422,7 @@ class Engine:
         prefix_len, layers = self._prefix_cache(prompts)
         out: list[Optional[torch.Tensor]] = [None] * len(prompts)
         # Scoring prompts (a judge's: rubric + question + reply) can run to thousands of tokens: batches are
-        # bounded by tokens as well as rows. Generation keeps its fixed row partition (its seeds follow it).
+        # bounded by tokens as well as rows.
         for chunk, parts in self._scoring_batches(prompts, prefix_len, layers, skip):
             batch = [prompts[i] for i in chunk]
             if parts is not None and any(part is not None for part in parts):
@@ -434,24 +444,39 @@ class Engine:
         """``n`` samples for each prompt (token ids).
 
         ``on_batch(prompt_indices, samples)`` is called as each batch of prompts completes, so callers
-        can write results as they come. Batches are a fixed partition of the prompts with a fixed seed
-        each, so a resumed call that ``skip``s the batches already written samples the rest exactly as
-        an uninterrupted call would have. Skipped prompts get ``None``.
+        can write results as they come. Batches are a fixed partition of the prompts (by their lengths,
+        ``batch_size`` and ``max_batch_tokens``) with a fixed seed each, so a resumed call that ``skip``s the
+        batches already written samples the rest exactly as an uninterrupted call would have. Skipped prompts
+        get ``None``.
         """
         prefix_len, layers = self._prefix_cache(prompts)
         per_call = max(1, self.batch_size)
         base_seed = self.seed if seed is None else seed
         results: list[Optional[list[Sample]]] = [None] * len(prompts)
-        for number, chunk in enumerate(self._chunks(prompts, per_call)):
+        # A batch's key/values are its prompts (once when the samples share them, else n times) and the samples'
+        # new tokens: batches are bounded by those tokens, so that a generative judge (k samples of long rubric
+        # prompts) holds no more than candidates do.
+        share = n > 1 and self.share_samples and shared_kv.supported(self.model, reserved_cache(self.model.config, 0))
+        batches = (self._chunks(prompts, per_call, self.max_batch_tokens, n * cfg.max_new_tokens) if share else
+                   self._chunks(prompts, per_call, self.max_batch_tokens, cfg.max_new_tokens, n))
+        for number, chunk in enumerate(batches):
             if skip is not None and skip(list(chunk)):
                 continue
             generator = torch.Generator(device=self.device).manual_seed(derive_seed(base_seed, number))
+            # one prefill per prompt; its key/values serve its n samples as one copy (shared_kv) or n
             logits, cache, mask, last_pos = self._prefill([prompts[i] for i in chunk], prefix_len, layers,
-                                                          cfg.max_new_tokens)
-            if n > 1:  # one prefill per prompt, its key/values repeated for the n samples
+                                                          0 if share else cfg.max_new_tokens)
+            shared = None
+            if share:
+                self.stats["shared_prompt_batches"] += 1
+                shared, cache, mask = SharedPrompts(cache, mask, n), reserved_cache(self.model.config,
+                                                                                    cfg.max_new_tokens), None
+            elif n > 1:
                 cache.batch_repeat_interleave(n)
-                logits, mask, last_pos = (t.repeat_interleave(n, 0) for t in (logits, mask, last_pos))
-            samples = self._decode(logits, cache, mask, last_pos, cfg, generator)
+                mask = mask.repeat_interleave(n, 0)
+            if n > 1:
+                logits, last_pos = logits.repeat_interleave(n, 0), last_pos.repeat_interleave(n, 0)
+            samples = self._decode(logits, cache, mask, last_pos, cfg, generator, shared)
             grouped = [samples[k * n:(k + 1) * n] for k in range(len(chunk))]
             for i, group in zip(chunk, grouped):
                 results[i] = group
@@ -459,11 +484,19 @@ class Engine:
                 on_batch(list(chunk), grouped)
             # before the next batch's prefill: else this batch's key/values (rows x prompt and new tokens x
             # layers, about 0.8 GB for a generative judge's 8 x 3 rows) live on beside the next batch's
-            del logits, cache, mask, last_pos, samples, grouped
+            del logits, cache, mask, last_pos, samples, grouped, shared
         trim()
         return results  # type: ignore[return-value]
 
-    def _decode(self, logits, cache, mask, last_pos, cfg: Sampling, generator) -> list[Sample]:
+    def _decode(self, logits, cache, mask, last_pos, cfg: Sampling, generator,
+                shared: Optional[SharedPrompts] = None) -> list[Sample]:
+        """Sample from the prefill's ``logits`` on; with ``shared``, ``cache`` holds only the new tokens and
+        attention reads each row's prompt from ``shared`` (``mask`` is None)."""
+        attend = shared_kv.shared_prompt_attention_of(self.model) if shared is not None else nullcontext()
+        with attend:
+            return self._decode_steps(logits, cache, mask, last_pos, cfg, generator, shared)
+
+    def _decode_steps(self, logits, cache, mask, last_pos, cfg: Sampling, generator, shared) -> list[Sample]:
         rows = logits.shape[0]
         tokens: list[list[int]] = [[] for _ in range(rows)]
         logps = [0.0] * rows
@@ -489,12 +522,20 @@ class Engine:
             if len(keep) < len(live):
                 index = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(index)
-                nxt, mask, last_pos = nxt[index], mask[index], last_pos[index]
+                nxt, last_pos = nxt[index], last_pos[index]
+                if shared is not None:
+                    shared.select(index)
+                else:
+                    mask = mask[index]
                 live = [live[j] for j in keep]
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
             last_pos = last_pos + 1
-            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                             use_cache=True, **{self._cache_kw: cache})
+            if shared is not None:
+                step = {"shared_prompts": shared}
+            else:
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
+                step = {"attention_mask": mask}
+            out = self.model(input_ids=nxt[:, None], position_ids=last_pos[:, None], use_cache=True,
+                             **{self._cache_kw: cache}, **step)
             logits = out.logits[:, -1]
             self.stats["decode_steps"] += 1
         return [Sample(tokens[r], logps[r], finished[r]) for r in range(rows)]

@@ -69,10 +69,12 @@ class ReservedLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self._k is not None:
-            k, v = self._allocate(len(indices), self._k.shape[2], self._k)
-            k[:, :, :self._len] = self.keys.index_select(0, indices)
-            v[:, :, :self._len] = self.values.index_select(0, indices)
-            self._k, self._v = k, v
+            # The kept rows move to the front of the same storage: a second storage beside the first would
+            # double the cache at its largest, when the first sample finishes.
+            rows = len(indices)  # a selection: at most the rows there are
+            self._k[:rows, :, :self._len] = self.keys.index_select(0, indices)
+            self._v[:rows, :, :self._len] = self.values.index_select(0, indices)
+            self._k, self._v = self._k[:rows], self._v[:rows]
             self._view()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
