@@ -25,8 +25,9 @@ def section_judging(model_path: str, sizes: Sizes) -> Result:
     items = [(g.prompt, r.text) for g in groups for r in g.replies]
     sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=sizes.judge_new_tokens)
 
-    def engine(share: bool = True, tree: bool = True) -> Engine:
-        return Engine(model, [eos], pad, batch_size=sizes.judge_batch, share_prefix=share, share_groups=tree, seed=0)
+    def engine(share: bool = True, tree: bool = True, samples_share: bool = True) -> Engine:
+        return Engine(model, [eos], pad, batch_size=sizes.judge_batch, share_prefix=share, share_groups=tree, seed=0,
+                      share_samples=samples_share)
 
     with quiet():  # warm-up on two items
         LogitJudge(engine(), tok, template).score(items[:2])
@@ -54,6 +55,9 @@ def section_judging(model_path: str, sizes: Sizes) -> Result:
     torch.manual_seed(0)
     d = {
         "generative_k3": run("generative k=3", GenerativeJudge(engine(), tok, template, samples=3, sampling=sampling)),
+        "generative_k3_repeated": run("generative k=3, prompt key/values repeated per sample",
+                                      GenerativeJudge(engine(samples_share=False), tok, template, samples=3,
+                                                      sampling=sampling)),
         "generative_k1": run("generative k=1", GenerativeJudge(engine(), tok, template, samples=1, sampling=sampling)),
         "logit_no_prefix_sharing": run("logit, share_prefix=False", LogitJudge(engine(share=False), tok, template)),
         "logit_common_prefix": run("logit, common prefix only", LogitJudge(engine(tree=False), tok, template)),
@@ -70,6 +74,13 @@ def section_judging(model_path: str, sizes: Sizes) -> Result:
     r = ratio(lg["judgements_per_s"], g3["judgements_per_s"])
     res.add("judging", f"judgements/s, logit vs generative k=3 ({n})", g3["judgements_per_s"], lg["judgements_per_s"],
             r, ">= 10x", at_least(r, 10.0))
+    g3r = d["generative_k3_repeated"]
+    res.add("judging", f"judgements/s, generative k=3: prompt key/values shared by the samples vs repeated ({n})",
+            g3r["judgements_per_s"], g3["judgements_per_s"], ratio(g3["judgements_per_s"], g3r["judgements_per_s"]),
+            note="baseline = Engine(share_samples=False)")
+    res.add("judging", "RSS rise (MiB), generative k=3: repeated vs shared prompt key/values",
+            g3r["memory"]["delta_mb"], g3["memory"]["delta_mb"],
+            ratio(g3r["memory"]["delta_mb"], g3["memory"]["delta_mb"]), note="ratio = times less")
     res.add("judging", f"judgements/s, generative k=1 vs k=3 ({n})", g3["judgements_per_s"], g1["judgements_per_s"],
             ratio(g1["judgements_per_s"], g3["judgements_per_s"]), note="info")
     res.add("judging", "judgements/s, logit: prefix sharing off vs on", ln["judgements_per_s"], lg["judgements_per_s"],

@@ -283,3 +283,25 @@ def test_prefix_tree_changes_nothing(setup):
             with torch.no_grad():
                 lp = torch.log_softmax(model(torch.tensor([p + s.token_ids])).logits[0, len(p) - 1:-1].float(), -1)
             assert abs(lp.gather(1, torch.tensor(s.token_ids)[:, None]).sum().item() - s.logp) < 1e-3
+
+
+def test_scoring_keeps_no_key_values_of_its_batches(setup):
+    """A scoring forward's own key/values are read by its attention only: its cache keeps the shared context
+    (prefix, questions) and none of the batch's tokens, and the log-probs are a plain forward's."""
+    model, tok, _ = setup
+    prompts = judge_like_prompts(tok)
+    for kw in ({"min_group": 2}, {"share_groups": False}, {"share_prefix": False}):
+        eng = engine(setup, batch_size=4, **kw)
+        held = []  # (tokens the cache keeps, tokens the forward attended over) per batch
+        for name in ("_plain_prefill", "_tree_prefill"):
+            def spy(*args, _f=getattr(eng, name), **kwargs):
+                out = _f(*args, **kwargs)
+                held.append((max(layer.get_seq_length() for layer in out[1].layers), out[2].shape[1]))
+                return out
+            setattr(eng, name, spy)
+        got = eng.next_token_logprobs(prompts)
+        assert held and all(kept < attended for kept, attended in held)
+        for lp, p in zip(got, prompts):
+            with torch.no_grad():
+                ref = torch.log_softmax(model(torch.tensor([p])).logits[0, -1].float(), -1)
+            torch.testing.assert_close(lp, ref, atol=1e-4, rtol=1e-4)

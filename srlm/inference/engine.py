@@ -27,7 +27,7 @@ import torch
 
 from srlm.allocator import trim
 from srlm.inference import shared_kv
-from srlm.inference.kv_cache import reserved_cache
+from srlm.inference.kv_cache import ContextLayer, context_cache, reserved_cache
 from srlm.inference.shared_kv import SharedPrompts
 from srlm.seeds import derive_seed
 
@@ -224,10 +224,12 @@ class Engine:
             return self._grouped_prefill(prompts, prefix_len, prefix_layers, groups, new_tokens)
         return self._plain_prefill(prompts, prefix_len, prefix_layers, new_tokens)
 
-    def _plain_prefill(self, prompts: Sequence[Sequence[int]], prefix_len: int, prefix_layers, new_tokens: int = 0):
+    def _plain_prefill(self, prompts: Sequence[Sequence[int]], prefix_len: int, prefix_layers, new_tokens: int = 0,
+                       keep: bool = True):
         """Left-padded prefill of the prompts' suffixes after the shared prefix; logits of the last position.
 
-        The cache reserves room for ``new_tokens`` more positions.
+        The cache reserves room for ``new_tokens`` more positions; without ``keep`` (scoring) it keeps nothing
+        of the batch's own tokens.
         """
         suffixes = [list(p[prefix_len:]) for p in prompts]
         width = max(len(s) for s in suffixes)
@@ -238,11 +240,16 @@ class Engine:
             mask[row, width - len(s):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (prefix_len + mask.cumsum(-1) - 1).clamp(min=0)
-        cache = reserved_cache(self.model.config, reserve=new_tokens + (width if prefix_layers is not None else 0))
+        cache = None if keep else context_cache(self.model.config)
+        if cache is None:
+            cache = reserved_cache(self.model.config, reserve=new_tokens + (width if prefix_layers is not None else 0))
         if prefix_layers is not None:
             b = len(prompts)
             for layer, (k, v) in zip(cache.layers, prefix_layers):
-                layer.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
+                if isinstance(layer, ContextLayer):
+                    layer.hold(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
+                else:
+                    layer.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
             mask = torch.cat([torch.ones((b, prefix_len), dtype=torch.long, device=self.device), mask], 1)
             self.stats["prefix_tokens_reused"] += prefix_len * b
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -291,7 +298,7 @@ class Engine:
         return out
 
     def _tree_prefill(self, prompts: Sequence[Sequence[int]], prefix_len: int, prefix_layers,
-                      parts: Sequence[Optional[list]], new_tokens: int = 0):
+                      parts: Sequence[Optional[list]], new_tokens: int = 0, keep: bool = True):
         """``_prefill`` for prompts whose groups' shared parts are computed (``_group_parts``; None: no part).
 
         The cache of a row is [common prefix | its group's part, left-padded | its rest, left-padded]:
@@ -310,7 +317,9 @@ class Engine:
         for row, n in enumerate(lens):
             g_mask[row, head + g_width - n:] = 1
         some = next(part for part in parts if part is not None)
-        cache = reserved_cache(self.model.config, reserve=new_tokens + width)
+        cache = None if keep else context_cache(self.model.config)
+        if cache is None:
+            cache = reserved_cache(self.model.config, reserve=new_tokens + width)
         for number, layer in enumerate(cache.layers):
             like_k, like_v = some[number]
             keys = like_k.new_zeros((b, like_k.shape[0], head + g_width, like_k.shape[2]))
@@ -321,7 +330,7 @@ class Engine:
                 if part is not None:
                     keys[row, :, head + g_width - lens[row]:] = part[number][0]
                     values[row, :, head + g_width - lens[row]:] = part[number][1]
-            layer.update(keys, values)
+            layer.hold(keys, values) if isinstance(layer, ContextLayer) else layer.update(keys, values)
         mask = torch.cat([g_mask, mask], 1)
         positions = (prefix_len + torch.tensor(lens, device=self.device)[:, None]
                      + mask[:, -width:].cumsum(-1) - 1).clamp(min=0)
@@ -426,9 +435,9 @@ class Engine:
         for chunk, parts in self._scoring_batches(prompts, prefix_len, layers, skip):
             batch = [prompts[i] for i in chunk]
             if parts is not None and any(part is not None for part in parts):
-                logits, *_ = self._tree_prefill(batch, prefix_len, layers, parts)
+                logits, *_ = self._tree_prefill(batch, prefix_len, layers, parts, keep=False)
             else:
-                logits, *_ = self._plain_prefill(batch, prefix_len, layers)
+                logits, *_ = self._plain_prefill(batch, prefix_len, layers, keep=False)
             logprobs = torch.log_softmax(logits.float(), -1).cpu()
             for row, i in enumerate(chunk):
                 out[i] = logprobs[row]

@@ -89,3 +89,28 @@ def reserved_cache(config, reserve: int) -> DynamicCache:
     cache = DynamicCache(config=config)
     cache.layers = [ReservedLayer(reserve=reserve) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+class ContextLayer(DynamicLayer):
+    """A layer for a forward whose own key/values nobody reads afterwards (scoring): it holds a given context
+    (the shared prefix, a broadcast view of it, or a batch's tree of shared parts) and hands attention the
+    context followed by the new tokens, without keeping the new ones. A scoring batch of 8,192 tokens kept
+    about 0.38 GB on the embedded model in fp32 that only its own attention read."""
+
+    def hold(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized or self.keys.numel() == 0:
+            return key_states, value_states
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def context_cache(config):
+    """A ``DynamicCache`` of ``ContextLayer``s for ``config``, or None when it has other layer kinds."""
+    cache = DynamicCache(config=config)
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    cache.layers = [ContextLayer() for _ in cache.layers]
+    return cache
